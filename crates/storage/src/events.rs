@@ -1,0 +1,138 @@
+//! Writing events into the outbox, inside the caller's transaction.
+
+use crate::channels;
+use crate::views::{AgentView, BuildView, JobView, BUILD_COLUMNS, JOB_COLUMNS};
+use chrono::Utc;
+use herald_domain::EventType;
+use serde_json::json;
+use sqlx::PgConnection;
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// One event to write.
+pub struct NewEvent {
+    pub event_type: EventType,
+    pub org_id: Uuid,
+    pub build_id: Option<Uuid>,
+    pub data: serde_json::Value,
+}
+
+impl NewEvent {
+    pub fn build(event_type: EventType, build: &BuildView) -> Self {
+        NewEvent {
+            event_type,
+            org_id: build.org_id,
+            build_id: Some(build.id),
+            data: json!({ "build": build }),
+        }
+    }
+
+    pub fn job(event_type: EventType, build: &BuildView, job: &JobView) -> Self {
+        NewEvent {
+            event_type,
+            org_id: build.org_id,
+            build_id: Some(build.id),
+            data: json!({ "build": build, "job": job }),
+        }
+    }
+
+    pub fn agent(event_type: EventType, agent: &AgentView) -> Self {
+        NewEvent {
+            event_type,
+            org_id: agent.org_id,
+            build_id: None,
+            data: json!({ "agent": agent }),
+        }
+    }
+}
+
+/// Inserts the events in one statement and wakes the relay when the transaction commits.
+pub async fn insert(conn: &mut PgConnection, events: Vec<NewEvent>) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let now = Utc::now();
+    let mut ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut orgs = Vec::with_capacity(events.len());
+    let mut builds = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    for e in events {
+        let id = Uuid::now_v7();
+        payloads.push(json!({
+            "id": id,
+            "type": e.event_type.as_str(),
+            "timestamp": now,
+            "org_id": e.org_id,
+            "data": e.data,
+        }));
+        ids.push(id);
+        types.push(e.event_type.as_str().to_owned());
+        orgs.push(e.org_id);
+        builds.push(e.build_id);
+    }
+    sqlx::query(
+        "INSERT INTO outbox (event_id, event_type, org_id, build_id, payload) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::jsonb[])",
+    )
+    .bind(&ids)
+    .bind(&types)
+    .bind(&orgs)
+    .bind(&builds)
+    .bind(&payloads)
+    .execute(&mut *conn)
+    .await?;
+    notify(conn, channels::OUTBOX, "").await
+}
+
+pub async fn notify(conn: &mut PgConnection, channel: &str, payload: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(payload)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+pub async fn load_builds(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, BuildView>, sqlx::Error> {
+    let rows: Vec<BuildView> = sqlx::query_as(&format!(
+        "SELECT {BUILD_COLUMNS} FROM builds b JOIN pipelines p ON p.id = b.pipeline_id WHERE b.id = ANY($1)"
+    ))
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|b| (b.id, b)).collect())
+}
+
+pub async fn load_jobs(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<JobView>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = ANY($1) ORDER BY j.id"
+    ))
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}
+
+/// Emits one event of `event_type` per job, each carrying the job and its build as
+/// they are now (inside the caller's transaction).
+pub async fn emit_for_jobs(
+    conn: &mut PgConnection,
+    event_type: EventType,
+    job_ids: &[Uuid],
+) -> Result<Vec<JobView>, sqlx::Error> {
+    if job_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let jobs = load_jobs(conn, job_ids).await?;
+    let build_ids: Vec<Uuid> = jobs.iter().map(|j| j.build_id).collect();
+    let builds = load_builds(conn, &build_ids).await?;
+    let events = jobs
+        .iter()
+        .filter_map(|j| builds.get(&j.build_id).map(|b| NewEvent::job(event_type, b, j)))
+        .collect();
+    insert(conn, events).await?;
+    Ok(jobs)
+}

@@ -1,0 +1,70 @@
+//! The relay's side of the outbox: read unpublished rows in order, mark them published
+//! after the broker confirmed them, and expire old rows in small batches.
+
+use crate::error::StorageError;
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub build_id: Option<Uuid>,
+    pub payload: serde_json::Value,
+}
+
+pub async fn fetch_unpublished(conn: &mut PgConnection, limit: i64) -> Result<Vec<OutboxRow>, StorageError> {
+    let rows = sqlx::query(
+        "SELECT id, event_id, event_type, build_id, payload FROM outbox \
+         WHERE published_at IS NULL ORDER BY id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                id: r.try_get("id")?,
+                event_id: r.try_get("event_id")?,
+                event_type: r.try_get("event_type")?,
+                build_id: r.try_get("build_id")?,
+                payload: r.try_get("payload")?,
+            })
+        })
+        .collect()
+}
+
+pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, StorageError> {
+    Ok(sqlx::query(
+        "UPDATE outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+pub async fn backlog(conn: &mut PgConnection) -> Result<(i64, Option<f64>), StorageError> {
+    let r = sqlx::query(
+        "SELECT count(*) AS n, extract(epoch FROM now() - min(created_at))::float8 AS age \
+         FROM outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok((r.try_get("n")?, r.try_get("age")?))
+}
+
+/// Deletes at most `batch` published rows older than `retention_s`, skipping locked ones.
+pub async fn expire(conn: &mut PgConnection, retention_s: f64, batch: i64) -> Result<u64, StorageError> {
+    Ok(sqlx::query(
+        "DELETE FROM outbox WHERE id IN ( \
+             SELECT id FROM outbox WHERE published_at < now() - make_interval(secs => $1) \
+             ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention_s)
+    .bind(batch)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}

@@ -1,0 +1,158 @@
+//! Connection pools. Each role gets its own pool so that one role's backlog can never
+//! take another's connections; reads go to the replica through [`ReadRouter`].
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub url: String,
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    /// Shown in `pg_stat_activity`, so an operator can tell the pools apart.
+    pub application_name: String,
+    pub read_only: bool,
+}
+
+/// Opens a pool lazily: a database that is down at start-up is retried on use, and
+/// `/readyz` reports it. The pool runs no query per checkout (no test-before-acquire)
+/// so that idle parked agents cost the database nothing.
+pub fn connect_pool(s: &PoolSettings) -> Result<PgPool, sqlx::Error> {
+    let mut opts = PgConnectOptions::from_str(&s.url)?
+        .application_name(&s.application_name)
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+    if s.read_only {
+        opts = opts.options([("default_transaction_read_only", "on")]);
+    }
+    Ok(PgPoolOptions::new()
+        .max_connections(s.max_connections)
+        .min_connections(0)
+        .acquire_timeout(s.acquire_timeout)
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .test_before_acquire(false)
+        .connect_lazy_with(opts))
+}
+
+/// Decides, per read, whether the replica may serve it.
+///
+/// Read-your-writes: every write made through this process records the primary's WAL
+/// position after commit; a read uses the replica only once the replica has replayed
+/// that position, and the primary otherwise. Reads of a single row that the replica
+/// does not have yet are retried on the primary by the caller. A replica that errors
+/// is skipped for a few seconds.
+#[derive(Clone)]
+pub struct ReadRouter {
+    inner: Arc<RouterInner>,
+}
+
+struct RouterInner {
+    primary: PgPool,
+    replica: Option<PgPool>,
+    written_lsn: AtomicU64,
+    replayed_lsn: AtomicU64,
+    replica_down_until_ms: AtomicI64,
+    started: Instant,
+}
+
+pub struct Reader {
+    pub pool: PgPool,
+    pub is_replica: bool,
+}
+
+impl ReadRouter {
+    pub fn new(primary: PgPool, replica: Option<PgPool>) -> Self {
+        ReadRouter {
+            inner: Arc::new(RouterInner {
+                primary,
+                replica,
+                written_lsn: AtomicU64::new(0),
+                replayed_lsn: AtomicU64::new(0),
+                replica_down_until_ms: AtomicI64::new(0),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    pub fn primary(&self) -> &PgPool {
+        &self.inner.primary
+    }
+
+    pub fn has_replica(&self) -> bool {
+        self.inner.replica.is_some()
+    }
+
+    fn now_ms(&self) -> i64 {
+        i64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Call after a write committed on the primary.
+    pub async fn note_write(&self) {
+        if self.inner.replica.is_none() {
+            return;
+        }
+        let lsn: Result<i64, _> =
+            sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
+                .fetch_one(&self.inner.primary)
+                .await;
+        if let Ok(lsn) = lsn {
+            self.inner
+                .written_lsn
+                .fetch_max(u64::try_from(lsn).unwrap_or(0), Ordering::AcqRel);
+        }
+    }
+
+    /// Marks the replica unusable for a while after an error on it.
+    pub fn replica_failed(&self) {
+        metrics::counter!("herald_replica_errors_total").increment(1);
+        self.inner
+            .replica_down_until_ms
+            .store(self.now_ms() + 5_000, Ordering::Release);
+    }
+
+    /// The pool a read should use.
+    pub async fn reader(&self) -> Reader {
+        let primary = Reader {
+            pool: self.inner.primary.clone(),
+            is_replica: false,
+        };
+        let Some(replica) = &self.inner.replica else {
+            return primary;
+        };
+        if self.now_ms() < self.inner.replica_down_until_ms.load(Ordering::Acquire) {
+            return primary;
+        }
+        let written = self.inner.written_lsn.load(Ordering::Acquire);
+        if written > self.inner.replayed_lsn.load(Ordering::Acquire) {
+            let replayed: Result<Option<i64>, _> = sqlx::query_scalar(
+                "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
+            )
+            .fetch_one(replica)
+            .await;
+            match replayed {
+                Ok(Some(r)) => {
+                    let r = u64::try_from(r).unwrap_or(0);
+                    self.inner.replayed_lsn.fetch_max(r, Ordering::AcqRel);
+                    if r < written {
+                        metrics::counter!("herald_replica_behind_reads_total").increment(1);
+                        return primary;
+                    }
+                }
+                // Not a standby at all (misconfiguration): its data is as fresh as it gets.
+                Ok(None) => {}
+                Err(_) => {
+                    self.replica_failed();
+                    return primary;
+                }
+            }
+        }
+        Reader {
+            pool: replica.clone(),
+            is_replica: true,
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Rows as the API and events show them. One shape for both, so a webhook receiver
+//! and an API client see the same build.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, Row};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildView {
+    pub id: Uuid,
+    pub number: i32,
+    pub state: String,
+    pub commit: String,
+    pub branch: String,
+    pub message: Option<String>,
+    pub pipeline: String,
+    pub repository: String,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub canceled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<Vec<JobView>>,
+    #[serde(skip)]
+    pub org_id: Uuid,
+}
+
+/// Columns for [`BuildView`]; the query must join `pipelines p` to `builds b`.
+pub const BUILD_COLUMNS: &str = "b.id, b.org_id, b.number, b.state, b.commit_sha, b.branch, b.message, \
+     p.slug AS pipeline, p.repository, b.created_at, b.started_at, b.finished_at, \
+     b.cancel_requested_at IS NOT NULL AS canceled";
+
+impl FromRow<'_, PgRow> for BuildView {
+    fn from_row(r: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(BuildView {
+            id: r.try_get("id")?,
+            org_id: r.try_get("org_id")?,
+            number: r.try_get("number")?,
+            state: r.try_get("state")?,
+            commit: r.try_get("commit_sha")?,
+            branch: r.try_get("branch")?,
+            message: r.try_get("message")?,
+            pipeline: r.try_get("pipeline")?,
+            repository: r.try_get("repository")?,
+            created_at: r.try_get("created_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+            canceled: r.try_get("canceled")?,
+            jobs: None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    pub id: Uuid,
+    pub build_id: Uuid,
+    pub key: String,
+    pub label: Option<String>,
+    pub command: String,
+    pub queue: String,
+    pub priority: i32,
+    pub state: String,
+    pub depends_on: serde_json::Value,
+    pub agent_id: Option<Uuid>,
+    pub exit_status: Option<i32>,
+    pub env: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub scheduled_at: Option<DateTime<Utc>>,
+    pub assigned_at: Option<DateTime<Utc>>,
+    pub accepted_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    pub org_id: Uuid,
+}
+
+pub const JOB_COLUMNS: &str = "j.id, j.build_id, j.org_id, j.key, j.label, j.command, j.queue, j.priority, \
+     j.state, j.depends_on, j.agent_id, j.exit_status, j.env, j.created_at, j.scheduled_at, \
+     j.assigned_at, j.accepted_at, j.started_at, j.finished_at";
+
+impl FromRow<'_, PgRow> for JobView {
+    fn from_row(r: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(JobView {
+            id: r.try_get("id")?,
+            build_id: r.try_get("build_id")?,
+            org_id: r.try_get("org_id")?,
+            key: r.try_get("key")?,
+            label: r.try_get("label")?,
+            command: r.try_get("command")?,
+            queue: r.try_get("queue")?,
+            priority: r.try_get("priority")?,
+            state: r.try_get("state")?,
+            depends_on: r.try_get("depends_on")?,
+            agent_id: r.try_get("agent_id")?,
+            exit_status: r.try_get("exit_status")?,
+            env: r.try_get("env")?,
+            created_at: r.try_get("created_at")?,
+            scheduled_at: r.try_get("scheduled_at")?,
+            assigned_at: r.try_get("assigned_at")?,
+            accepted_at: r.try_get("accepted_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentView {
+    pub id: Uuid,
+    pub name: String,
+    pub queues: Vec<String>,
+    pub state: String,
+    pub connected_at: DateTime<Utc>,
+    pub last_heartbeat_at: DateTime<Utc>,
+    #[serde(skip)]
+    pub org_id: Uuid,
+}
+
+pub const AGENT_COLUMNS: &str =
+    "a.id, a.org_id, a.name, a.queues, a.state, a.connected_at, a.last_heartbeat_at";
+
+impl FromRow<'_, PgRow> for AgentView {
+    fn from_row(r: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(AgentView {
+            id: r.try_get("id")?,
+            org_id: r.try_get("org_id")?,
+            name: r.try_get("name")?,
+            queues: r.try_get("queues")?,
+            state: r.try_get("state")?,
+            connected_at: r.try_get("connected_at")?,
+            last_heartbeat_at: r.try_get("last_heartbeat_at")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineView {
+    pub id: Uuid,
+    pub slug: String,
+    pub repository: String,
+    pub created_at: DateTime<Utc>,
+}

@@ -194,7 +194,8 @@ max_standby_streaming_delay = 30s
 max_standby_archive_delay = 30s
 # A hot standby refuses to start if these are lower than on the primary."
     for setting in max_connections max_worker_processes max_wal_senders max_prepared_transactions max_locks_per_transaction; do
-        value="$(pg_query "$PRIMARY_PORT" -c "SELECT setting FROM pg_settings WHERE name = '${setting}'")"
+        value="$(pg_query "$PRIMARY_PORT" -c "SELECT setting FROM pg_settings WHERE name = '${setting}'")" || true
+        [[ -n "$value" ]] || die "could not read ${setting} from the primary"
         content+=$'\n'"${setting} = ${value}"
     done
     mkdir -p "${REPLICA_CONF_DIR}/conf.d"

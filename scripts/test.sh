@@ -47,8 +47,10 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
-# Totals of both nextest passes, read from the JUnit report of the "ci" profile.
-JUNIT="${CARGO_TARGET_DIR}/nextest/ci/junit.xml"
+# Totals of both nextest passes, read from the JUnit report of the "ci" profile
+# (.config/nextest.toml). Nextest writes it under the workspace root's target/,
+# whatever CARGO_TARGET_DIR says.
+JUNIT="${ROOT}/target/nextest/ci/junit.xml"
 total_passed=0
 total_failed=0
 reported=1

@@ -1,5 +1,5 @@
-//! `herald-bus` owns the RabbitMQ topology, the confirmed publisher and resilient consumers;
-//! it knows nothing of PostgreSQL or HTTP.
+//! `herald-bus`: owns the RabbitMQ topology, the confirmed publisher and resilient consumers;
+//! knows nothing of PostgreSQL or HTTP.
 //!
 //! * [`Names`] derives every exchange and queue name from one prefix, so that several
 //!   installations can share a broker.
@@ -11,7 +11,7 @@
 //!   reconnect loop with capped exponential backoff, until its cancellation token fires.
 //!
 //! Metrics (through the `metrics` facade): `herald_bus_published_total`,
-//! `herald_bus_consumed_total{queue,outcome}`, `herald_bus_reconnects_total{role}`.
+//! `herald_bus_consumed_total{queue,outcome}`, `herald_bus_reconnects_total{role=publisher|consumer}` (one per reconnect attempt).
 
 mod consumer;
 mod error;

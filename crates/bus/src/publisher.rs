@@ -146,7 +146,8 @@ impl Publisher {
         if let Some(stale) = stale {
             close_session_in_background(stale);
         }
-        let connection = connect_named(&self.cfg, "herald publisher").await?;
+        let connection =
+            connect_named(&self.cfg, &format!("herald publisher {}", self.cfg.prefix)).await?;
         let setup = async {
             let channel = connection.create_channel().await?;
             channel

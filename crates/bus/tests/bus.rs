@@ -30,7 +30,7 @@ fn config() -> BusConfig {
 }
 
 /// Runs `body`, then deletes the topology of `cfg` plus `extra_queues`, whatever happened.
-async fn with_cleanup<Fut>(cfg: &BusConfig, extra_queues: &[String], body: Fut)
+async fn with_cleanup<Fut>(cfg: &BusConfig, extra_queues: Vec<String>, body: Fut)
 where
     Fut: Future<Output = anyhow::Result<()>>,
 {
@@ -128,7 +128,7 @@ async fn topology_declaration_is_idempotent() {
     let cfg = config();
     let names = cfg.names();
     let extra = names.delivery_queue("webhook");
-    with_cleanup(&cfg, &[extra.clone()], async {
+    with_cleanup(&cfg, vec![extra.clone()], async {
         let conn = connect(&cfg).await?;
         let ch = conn.create_channel().await?;
         for _ in 0..2 {
@@ -167,7 +167,7 @@ async fn a_thousand_published_messages_are_consumed_exactly_as_sent() {
     let cfg = config();
     let names = cfg.names();
     let queue = names.delivery_queue("bulk");
-    with_cleanup(&cfg, &[queue.clone()], async {
+    with_cleanup(&cfg, vec![queue.clone()], async {
         prepare_queue(&cfg, &queue, &["bulk.#"]).await?;
         let publisher = Publisher::new(cfg.clone()).await?;
         let sent: Vec<OutgoingMessage> = (0..1000).map(|i| message(i, "bulk.item")).collect();
@@ -228,11 +228,11 @@ async fn a_thousand_published_messages_are_consumed_exactly_as_sent() {
 async fn requeue_redelivers_with_the_redelivered_flag() {
     let cfg = config();
     let queue = cfg.names().delivery_queue("requeue");
-    with_cleanup(&cfg, &[queue.clone()], async {
+    with_cleanup(&cfg, vec![queue.clone()], async {
         prepare_queue(&cfg, &queue, &["rq.*"]).await?;
         let publisher = Publisher::new(cfg.clone()).await?;
         let msg = message(1, "rq.one");
-        publisher.publish_events(&[msg.clone()]).await?;
+        publisher.publish_events(std::slice::from_ref(&msg)).await?;
 
         let seen: Arc<Mutex<Vec<Incoming>>> = Arc::default();
         let cancel = CancellationToken::new();
@@ -283,7 +283,7 @@ async fn requeue_redelivers_with_the_redelivered_flag() {
 async fn a_panicking_handler_requeues_and_the_consumer_keeps_going() {
     let cfg = config();
     let queue = cfg.names().delivery_queue("panic");
-    with_cleanup(&cfg, &[queue.clone()], async {
+    with_cleanup(&cfg, vec![queue.clone()], async {
         prepare_queue(&cfg, &queue, &["panic.*"]).await?;
         let publisher = Publisher::new(cfg.clone()).await?;
         let msgs: Vec<_> = (0..3).map(|i| message(i, "panic.x")).collect();
@@ -334,11 +334,11 @@ async fn dead_letter_lands_in_the_dead_queue() {
     let cfg = config();
     let names = cfg.names();
     let queue = names.delivery_queue("dl");
-    with_cleanup(&cfg, &[queue.clone()], async {
+    with_cleanup(&cfg, vec![queue.clone()], async {
         prepare_queue(&cfg, &queue, &["dl.*"]).await?;
         let publisher = Publisher::new(cfg.clone()).await?;
         let msg = message(7, "dl.poison");
-        publisher.publish_events(&[msg.clone()]).await?;
+        publisher.publish_events(std::slice::from_ref(&msg)).await?;
 
         let handled = Arc::new(AtomicUsize::new(0));
         let cancel = CancellationToken::new();
@@ -388,7 +388,7 @@ async fn dead_letter_lands_in_the_dead_queue() {
 async fn cancel_finishes_in_flight_work_and_returns_the_rest() {
     let cfg = config();
     let queue = cfg.names().delivery_queue("cancel");
-    with_cleanup(&cfg, &[queue.clone()], async {
+    with_cleanup(&cfg, vec![queue.clone()], async {
         prepare_queue(&cfg, &queue, &["slow.*"]).await?;
         let publisher = Publisher::new(cfg.clone()).await?;
         let msgs: Vec<_> = (0..10).map(|i| message(i, "slow.job")).collect();
@@ -453,7 +453,7 @@ async fn cancel_finishes_in_flight_work_and_returns_the_rest() {
 async fn publisher_reports_failures_and_recovers_on_the_next_call() {
     let cfg = config();
     let queue = cfg.names().delivery_queue("recover");
-    with_cleanup(&cfg, &[queue.clone()], async {
+    with_cleanup(&cfg, vec![queue.clone()], async {
         prepare_queue(&cfg, &queue, &["rec.*"]).await?;
         let publisher = Publisher::new(cfg.clone()).await?;
         // Publishing to a missing exchange makes the broker close the channel.
@@ -487,4 +487,103 @@ async fn consumer_with_an_empty_queue_name_is_rejected() {
     )
     .await;
     assert!(matches!(res, Err(BusError::Invalid(_))));
+}
+
+#[tokio::test]
+async fn consumer_keeps_retrying_an_unreachable_broker_and_stops_on_cancel() {
+    // Nothing listens on port 1 of localhost: every attempt is refused.
+    let cfg = BusConfig {
+        url: "amqp://guest:guest@127.0.0.1:1/%2f".to_string(),
+        prefix: format!("test_{}", uuid::Uuid::new_v4().simple()),
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let cancel = CancellationToken::new();
+    let consumer = tokio::spawn(run_consumer(
+        cfg.clone(),
+        spec(&cfg.names().notify_queue(), &["#"], 1, 1),
+        cancel.clone(),
+        {
+            let calls = calls.clone();
+            move |_m: Incoming| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Outcome::Ack }
+            }
+        },
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!consumer.is_finished(), "the consumer gave up");
+    cancel.cancel();
+    let res = tokio::time::timeout(Duration::from_secs(5), consumer)
+        .await
+        .expect("consumer did not stop on cancel")
+        .expect("consumer task panicked");
+    assert!(res.is_ok(), "{res:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+    // The publisher reports the failure instead of hanging.
+    let publisher = Publisher::lazy(cfg);
+    let err = tokio::time::timeout(
+        Duration::from_secs(15),
+        publisher.publish_events(&[message(0, "x")]),
+    )
+    .await
+    .expect("publish hung");
+    assert!(err.is_err());
+    assert!(Publisher::new(publisher.config().clone()).await.is_err());
+}
+
+#[tokio::test]
+async fn consumer_redeclares_its_queue_after_the_broker_cancels_it() {
+    let cfg = config();
+    let names = cfg.names();
+    let queue = names.delivery_queue("gone");
+    with_cleanup(&cfg, vec![queue.clone()], async {
+        let received = Arc::new(AtomicUsize::new(0));
+        let cancel = CancellationToken::new();
+        let consumer = tokio::spawn(run_consumer(
+            cfg.clone(),
+            spec(&queue, &["gone.*"], 10, 2),
+            cancel.clone(),
+            {
+                let received = received.clone();
+                move |_m: Incoming| {
+                    received.fetch_add(1, Ordering::SeqCst);
+                    async { Outcome::Ack }
+                }
+            },
+        ));
+        let publisher = Publisher::new(cfg.clone()).await?;
+        // Wait for the consumer to attach, then delete its queue under it.
+        let attached = || async { matches!(publisher.queue_depth(&queue).await, Ok((_, 1))) };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !attached().await {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "consumer never attached"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ch = publisher.open_channel().await?;
+        ch.queue_delete(&queue, Default::default()).await?;
+        ch.close(200, "bye").await?;
+        // The consumer notices the server-side cancel, reconnects and re-declares the queue.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !attached().await {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "consumer never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        publisher.publish_events(&[message(1, "gone.a")]).await?;
+        wait_until("the delivery", Duration::from_secs(20), || {
+            received.load(Ordering::SeqCst) == 1
+        })
+        .await?;
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(40), consumer).await???;
+        publisher.close().await;
+        Ok(())
+    })
+    .await;
 }

@@ -1,0 +1,181 @@
+use crate::error::ApiError;
+use crate::extract::{parse_id, Agent, ApiJson, Registration};
+use crate::AppState;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use herald_domain::QueueName;
+use herald_storage::jobs::{self, AgentCall};
+use herald_storage::views::JobView;
+use herald_storage::StorageError;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::Duration;
+use uuid::Uuid;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterAgent {
+    name: String,
+    #[serde(default = "default_queues")]
+    queues: Vec<String>,
+}
+
+fn default_queues() -> Vec<String> {
+    vec!["default".into()]
+}
+
+pub async fn register(
+    State(state): State<AppState>,
+    Registration(org): Registration,
+    ApiJson(body): ApiJson<RegisterAgent>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let name = body.name.trim();
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(ApiError::invalid("name: must be 1-255 characters without control characters"));
+    }
+    if body.queues.is_empty() || body.queues.len() > 32 {
+        return Err(ApiError::invalid("queues: must list 1 to 32 queues"));
+    }
+    let queues = body
+        .queues
+        .iter()
+        .map(|q| QueueName::parse("queues[]", q))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut tx = state.router.primary().begin().await?;
+    let (agent, token) = herald_storage::agents::register(&mut tx, org, name, &queues).await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": agent.id,
+            "name": agent.name,
+            "queues": agent.queues,
+            "state": agent.state,
+            "access_token": token,
+            "heartbeat_interval_s": state.settings.heartbeat_interval_s,
+            "ping_wait_max_s": state.settings.ping_wait_max_s,
+        })),
+    ))
+}
+
+fn ping_job(job: &JobView) -> serde_json::Value {
+    json!({"job": {
+        "id": job.id,
+        "build_id": job.build_id,
+        "key": job.key,
+        "label": job.label,
+        "command": job.command,
+        "queue": job.queue,
+        "priority": job.priority,
+        "state": job.state,
+        "env": job.env,
+        "scheduled_at": job.scheduled_at,
+        "assigned_at": job.assigned_at,
+    }})
+}
+
+/// The long poll. Returns the agent's assigned job as soon as there is one, or 204
+/// after `wait` seconds. While parked it costs no database query: it waits on an
+/// in-memory mailbox that the assignment listener fills.
+pub async fn ping(
+    State(state): State<AppState>,
+    Agent(agent): Agent,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let max = state.settings.ping_wait_max_s;
+    let wait = match q.get("wait") {
+        None => max.min(20),
+        Some(w) => match w.parse::<u64>() {
+            Ok(w) if w <= max => w,
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "wait must be an integer from 0 to {max}"
+                )))
+            }
+        },
+    };
+    state.heartbeats.record(agent.id);
+    let mut mailbox = state.parked.subscribe(agent.id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    loop {
+        let current = *mailbox.borrow_and_update();
+        if let Some(job_id) = current {
+            let mut conn = state.router.primary().acquire().await?;
+            match jobs::job_for_agent(&mut conn, agent.id, job_id).await {
+                Ok(job) if job.state == "assigned" => {
+                    if let Some(at) = job.scheduled_at {
+                        let latency = (Utc::now() - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                        metrics::histogram!("herald_dispatch_latency_seconds").record(latency);
+                    }
+                    return Ok((StatusCode::OK, Json(ping_job(&job))).into_response());
+                }
+                Ok(_) | Err(StorageError::NotFound(_)) => state.parked.clear(agent.id, job_id),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tokio::select! {
+            changed = mailbox.changed() => {
+                if changed.is_err() {
+                    // The agent was forgotten (lost or disconnected).
+                    return Ok(StatusCode::NO_CONTENT.into_response());
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
+        }
+    }
+}
+
+pub async fn heartbeat(State(state): State<AppState>, Agent(agent): Agent) -> Json<serde_json::Value> {
+    let at = state.heartbeats.record(agent.id);
+    Json(json!({"received_at": at}))
+}
+
+pub async fn disconnect(State(state): State<AppState>, Agent(agent): Agent) -> Result<StatusCode, ApiError> {
+    let mut tx = state.router.primary().begin().await?;
+    herald_storage::agents::disconnect(&mut tx, agent.id).await?;
+    tx.commit().await?;
+    state.cache.forget_agent(agent.id);
+    state.parked.forget(agent.id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn call(state: &AppState, agent: Uuid, id: &str, call: AgentCall) -> Result<Json<JobView>, ApiError> {
+    let id = parse_id(id, "job")?;
+    let mut tx = state.router.primary().begin().await?;
+    let job = jobs::apply(&mut tx, agent, id, call).await?;
+    tx.commit().await?;
+    if matches!(call, AgentCall::Accept) {
+        state.parked.clear(agent, id);
+    }
+    state.router.note_write().await;
+    Ok(Json(job))
+}
+
+pub async fn accept(State(state): State<AppState>, Agent(agent): Agent, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+    call(&state, agent.id, &id, AgentCall::Accept).await
+}
+
+pub async fn start(State(state): State<AppState>, Agent(agent): Agent, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+    call(&state, agent.id, &id, AgentCall::Start).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Finish {
+    exit_status: i32,
+}
+
+pub async fn finish(
+    State(state): State<AppState>,
+    Agent(agent): Agent,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<Finish>,
+) -> Result<Json<JobView>, ApiError> {
+    call(&state, agent.id, &id, AgentCall::Finish { exit_status: body.exit_status }).await
+}

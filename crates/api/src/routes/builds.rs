@@ -1,0 +1,130 @@
+use super::{list_response, page};
+use crate::error::ApiError;
+use crate::extract::{parse_id, ApiJson, Org};
+use crate::AppState;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use herald_domain::{validate_jobs, Branch, BuildState, CommitSha, RawJob};
+use herald_storage::builds::{self, BuildFilter, NewBuild};
+use herald_storage::views::BuildView;
+use herald_storage::StorageError;
+use serde::Deserialize;
+use std::collections::HashMap;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBuild {
+    commit: String,
+    #[serde(default = "default_branch")]
+    branch: String,
+    #[serde(default)]
+    message: Option<String>,
+    jobs: Vec<RawJob>,
+}
+
+fn default_branch() -> String {
+    "main".into()
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Path(slug): Path<String>,
+    ApiJson(body): ApiJson<CreateBuild>,
+) -> Result<(StatusCode, Json<BuildView>), ApiError> {
+    let commit = CommitSha::parse(&body.commit)?;
+    let branch = Branch::parse(&body.branch)?;
+    if body.message.as_ref().is_some_and(|m| m.len() > 10_000) {
+        return Err(ApiError::invalid("message: must be at most 10000 bytes"));
+    }
+    let jobs = validate_jobs(body.jobs)?;
+    let mut tx = state.router.primary().begin().await?;
+    let build = builds::create_build(
+        &mut tx,
+        org,
+        &slug,
+        NewBuild {
+            commit,
+            branch,
+            message: body.message,
+            jobs,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.router.note_write().await;
+    metrics::counter!("herald_builds_created_total").increment(1);
+    Ok((StatusCode::CREATED, Json(build)))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Path(id): Path<String>,
+) -> Result<Json<BuildView>, ApiError> {
+    let id = parse_id(&id, "build")?;
+    let reader = state.router.reader().await;
+    let result = match reader.pool.acquire().await {
+        Ok(mut conn) => builds::get_build_on(&mut conn, org, id).await,
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(b) => Ok(Json(b)),
+        // Not on the replica yet (or the replica is down): the primary has the truth.
+        Err(e) if reader.is_replica && (matches!(e, StorageError::NotFound(_)) || e.is_unavailable()) => {
+            if e.is_unavailable() {
+                state.router.replica_failed();
+            }
+            let mut conn = state.router.primary().acquire().await?;
+            Ok(Json(builds::get_build_on(&mut conn, org, id).await?))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let p = page(&q)?;
+    let filter = BuildFilter {
+        pipeline: q.get("pipeline").cloned(),
+        state: match q.get("state") {
+            None => None,
+            Some(s) => Some(s.parse::<BuildState>().map_err(ApiError::invalid)?),
+        },
+        branch: q.get("branch").cloned(),
+        before: p.before,
+        limit: p.limit,
+    };
+    let reader = state.router.reader().await;
+    let rows = match reader.pool.acquire().await {
+        Ok(mut conn) => builds::list_builds(&mut conn, org, &filter).await,
+        Err(e) => Err(e.into()),
+    };
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) if reader.is_replica && e.is_unavailable() => {
+            state.router.replica_failed();
+            let mut conn = state.router.primary().acquire().await?;
+            builds::list_builds(&mut conn, org, &filter).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Json(list_response(rows, p.limit, |b| b.id)))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Path(id): Path<String>,
+) -> Result<Json<BuildView>, ApiError> {
+    let id = parse_id(&id, "build")?;
+    let mut tx = state.router.primary().begin().await?;
+    let build = builds::cancel_build(&mut tx, org, id).await?;
+    tx.commit().await?;
+    state.router.note_write().await;
+    Ok(Json(build))
+}

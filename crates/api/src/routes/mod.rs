@@ -1,0 +1,55 @@
+pub mod agents;
+pub mod builds;
+pub mod health;
+pub mod orgs;
+
+use crate::error::ApiError;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use std::collections::HashMap;
+use uuid::Uuid;
+
+pub const DEFAULT_LIMIT: i64 = 50;
+pub const MAX_LIMIT: i64 = 500;
+
+/// `?limit=` and `?cursor=` of a list call.
+pub struct Page {
+    pub limit: i64,
+    pub before: Option<Uuid>,
+}
+
+pub fn page(q: &HashMap<String, String>) -> Result<Page, ApiError> {
+    let limit = match q.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => return Err(ApiError::invalid(format!("limit must be an integer from 1 to {MAX_LIMIT}"))),
+        },
+    };
+    let before = match q.get("cursor").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| ApiError::BadRequest("invalid_cursor", "cursor is not one this API returned".into()))?),
+    };
+    Ok(Page { limit, before })
+}
+
+pub fn encode_cursor(id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(id.as_bytes())
+}
+
+fn decode_cursor(c: &str) -> Option<Uuid> {
+    let bytes = URL_SAFE_NO_PAD.decode(c).ok()?;
+    Uuid::from_slice(&bytes).ok()
+}
+
+/// `{"items": [...], "next_cursor": ...}` from `limit + 1` rows.
+pub fn list_response<T: serde::Serialize>(
+    mut rows: Vec<T>,
+    limit: i64,
+    id: impl Fn(&T) -> Uuid,
+) -> serde_json::Value {
+    let more = rows.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let next = if more { rows.last().map(|r| encode_cursor(id(r))) } else { None };
+    serde_json::json!({"items": rows, "next_cursor": next})
+}

@@ -1,0 +1,65 @@
+use crate::error::ApiError;
+use crate::extract::{Admin, ApiJson, Org};
+use crate::AppState;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use herald_domain::{parse_repository, Slug};
+use herald_storage::orgs;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrg {
+    slug: String,
+}
+
+pub async fn create_org(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ApiJson(body): ApiJson<CreateOrg>,
+) -> Result<(StatusCode, Json<orgs::CreatedOrg>), ApiError> {
+    let slug = Slug::parse("slug", &body.slug)?;
+    let mut conn = state.router.primary().acquire().await?;
+    let org = orgs::create_org(&mut conn, &slug).await?;
+    drop(conn);
+    state.router.note_write().await;
+    Ok((StatusCode::CREATED, Json(org)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePipeline {
+    slug: String,
+    repository: String,
+}
+
+pub async fn create_pipeline(
+    State(state): State<AppState>,
+    Org(org): Org,
+    ApiJson(body): ApiJson<CreatePipeline>,
+) -> Result<(StatusCode, Json<herald_storage::views::PipelineView>), ApiError> {
+    let slug = Slug::parse("slug", &body.slug)?;
+    let repository = parse_repository(&body.repository)?;
+    let mut conn = state.router.primary().acquire().await?;
+    let p = orgs::create_pipeline(&mut conn, org, &slug, &repository).await?;
+    drop(conn);
+    state.router.note_write().await;
+    Ok((StatusCode::CREATED, Json(p)))
+}
+
+pub async fn get_pipeline(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Path(slug): Path<String>,
+) -> Result<Json<herald_storage::views::PipelineView>, ApiError> {
+    let reader = state.router.reader().await;
+    let mut conn = reader.pool.acquire().await?;
+    match orgs::get_pipeline(&mut conn, org, &slug).await {
+        Err(herald_storage::StorageError::NotFound(_)) if reader.is_replica => {
+            let mut conn = state.router.primary().acquire().await?;
+            Ok(Json(orgs::get_pipeline(&mut conn, org, &slug).await?))
+        }
+        other => Ok(Json(other?)),
+    }
+}

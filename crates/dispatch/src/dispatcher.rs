@@ -1,0 +1,96 @@
+//! The dispatcher: wakes on `herald_dispatch` notifications (coalesced, so a burst of
+//! them costs one round), assigns in rounds of short transactions, and polls only as
+//! a backstop. Any number may run; `SKIP LOCKED` keeps them out of each other's way.
+
+use crate::DispatchSettings;
+use herald_storage::{channels, dispatch, StorageError};
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub async fn run(pool: PgPool, settings: DispatchSettings, cancel: CancellationToken) {
+    let wake = Arc::new(Notify::new());
+    let listener = tokio::spawn(listen(pool.clone(), wake.clone(), cancel.clone()));
+    let backstop = Duration::from_secs_f64(settings.backstop_poll_s.max(0.1));
+    tracing::info!("dispatcher started");
+    loop {
+        let mut more = true;
+        while more && !cancel.is_cancelled() {
+            more = match round(&pool, settings.batch_agents).await {
+                Ok(n) => n > 0,
+                Err(e) => {
+                    tracing::warn!(error = %e, "assignment round failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                    false
+                }
+            };
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(backstop) => {}
+            _ = cancel.cancelled() => break,
+        }
+    }
+    listener.abort();
+    tracing::info!("dispatcher stopped");
+}
+
+/// One transaction; returns how many jobs it assigned.
+pub async fn round(pool: &PgPool, batch_agents: i64) -> Result<usize, StorageError> {
+    let started = Instant::now();
+    let mut tx = pool.begin().await?;
+    metrics::histogram!("herald_db_pool_acquire_seconds", "pool" => "dispatch")
+        .record(started.elapsed().as_secs_f64());
+    let assigned = match dispatch::assign_round(&mut tx, batch_agents).await {
+        Ok(a) => a,
+        // Two dispatchers raced for one agent; the unique index stopped the second.
+        Err(StorageError::Database(e)) if StorageError::is_unique_violation(&e) => {
+            tx.rollback().await?;
+            return Ok(1);
+        }
+        Err(e) => return Err(e),
+    };
+    tx.commit().await?;
+    let now = chrono::Utc::now();
+    for a in &assigned {
+        if let Some(at) = a.scheduled_at {
+            let s = (now - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            metrics::histogram!("herald_dispatch_assign_seconds").record(s);
+        }
+    }
+    metrics::histogram!("herald_dispatch_round_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("herald_jobs_assigned_total").increment(assigned.len() as u64);
+    Ok(assigned.len())
+}
+
+async fn listen(pool: PgPool, wake: Arc<Notify>, cancel: CancellationToken) {
+    while !cancel.is_cancelled() {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "dispatch listener cannot connect");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if listener.listen(channels::DISPATCH).await.is_err() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        // Anything may have happened while we were not listening.
+        wake.notify_one();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => wake.notify_one(),
+                Ok(None) => wake.notify_one(),
+                Err(_) => break,
+            }
+        }
+    }
+}

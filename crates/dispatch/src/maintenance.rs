@@ -1,0 +1,77 @@
+//! Single-instance sweeps, elected with a PostgreSQL advisory lock held by a dedicated
+//! session: the lost-agent sweep, the assignment-timeout sweep and outbox expiry. The
+//! sweeps run on the leader's own session, so if that session dies the leader stops
+//! acting at once, and another process's blocked `pg_advisory_lock` returns.
+
+use crate::{DispatchSettings, MaintenanceSettings};
+use herald_storage::maintenance::{self, keys};
+use herald_storage::{agents, jobs, outbox, StorageError};
+use sqlx::{Connection, PgConnection};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct SweepSettings {
+    pub maintenance: MaintenanceSettings,
+    pub dispatch: DispatchSettings,
+    pub lost_after_s: f64,
+}
+
+pub async fn run(url: String, settings: SweepSettings, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    while !cancel.is_cancelled() {
+        match lead(&url, &settings, &cancel).await {
+            Ok(()) => break,
+            Err(e) => {
+                metrics::gauge!("herald_maintenance_leader").set(0.0);
+                tracing::warn!(error = %e, "maintenance session ended; standing for election again");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cancel.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    metrics::gauge!("herald_maintenance_leader").set(0.0);
+}
+
+async fn lead(url: &str, s: &SweepSettings, cancel: &CancellationToken) -> Result<(), StorageError> {
+    let mut conn = maintenance::leader_session(url, "herald-maintenance").await?;
+    tokio::select! {
+        r = maintenance::acquire(&mut conn, keys::MAINTENANCE) => r?,
+        // Dropping the session releases the wait; nothing is held yet.
+        _ = cancel.cancelled() => return Ok(()),
+    }
+    tracing::info!("elected maintenance leader");
+    metrics::gauge!("herald_maintenance_leader").set(1.0);
+    let every = Duration::from_secs_f64(s.maintenance.interval_s.max(0.1));
+    loop {
+        sweep(&mut conn, s).await?;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = cancel.cancelled() => {
+                let _ = maintenance::release(&mut conn, keys::MAINTENANCE).await;
+                let _ = conn.close().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// One pass, in one transaction: a handful of statements every few seconds, however
+/// many agents are parked.
+pub async fn sweep(conn: &mut PgConnection, s: &SweepSettings) -> Result<(), StorageError> {
+    let mut tx = conn.begin().await?;
+    let lost = agents::sweep_lost(&mut tx, s.lost_after_s).await?;
+    let expired = jobs::expire_assignments(&mut tx, s.dispatch.accept_timeout_s).await?;
+    let deleted = outbox::expire(&mut tx, s.maintenance.outbox_retention_s, s.maintenance.expire_batch).await?;
+    tx.commit().await?;
+    if lost + expired > 0 || deleted > 0 {
+        tracing::info!(lost, expired, deleted, "maintenance sweep");
+    }
+    metrics::counter!("herald_agents_lost_total").increment(lost as u64);
+    metrics::counter!("herald_assignments_expired_total").increment(expired as u64);
+    metrics::counter!("herald_outbox_expired_total").increment(deleted);
+    Ok(())
+}

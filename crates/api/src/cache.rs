@@ -19,7 +19,11 @@ pub struct TokenCache {
     agents: Mutex<HashMap<Vec<u8>, (AgentAuth, Instant)>>,
 }
 
-fn get<V: Clone>(map: &Mutex<HashMap<Vec<u8>, (V, Instant)>>, token: &str, ttl: Duration) -> Option<V> {
+fn get<V: Clone>(
+    map: &Mutex<HashMap<Vec<u8>, (V, Instant)>>,
+    token: &str,
+    ttl: Duration,
+) -> Option<V> {
     let map = map.lock().ok()?;
     let (v, at) = map.get(&tokens::hash(token))?;
     (at.elapsed() < ttl).then(|| v.clone())

@@ -59,7 +59,11 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         metrics::counter!("herald_http_errors_total", "code" => code).increment(1);
-        (status, axum::Json(json!({"error": {"code": code, "message": message}}))).into_response()
+        (
+            status,
+            axum::Json(json!({"error": {"code": code, "message": message}})),
+        )
+            .into_response()
     }
 }
 

@@ -26,11 +26,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 ApiError::BadRequest("invalid_body", e.body_text())
             }
         })?;
-        let bytes = if bytes.is_empty() { Bytes::from_static(b"{}") } else { bytes };
-        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::Unprocessable("invalid_body", e.to_string()),
-            _ => ApiError::BadRequest("invalid_json", format!("request body is not valid JSON: {e}")),
-        })
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"{}")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => {
+                    ApiError::Unprocessable("invalid_body", e.to_string())
+                }
+                _ => ApiError::BadRequest(
+                    "invalid_json",
+                    format!("request body is not valid JSON: {e}"),
+                ),
+            })
     }
 }
 
@@ -40,9 +51,16 @@ pub fn parse_id(raw: &str, what: &'static str) -> Result<Uuid, ApiError> {
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let value = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// The operator, by the admin token.
@@ -54,7 +72,10 @@ pub struct Admin {
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
         match &state.admin_token {
             Some(admin) if tokens::constant_time_eq(admin, token) => Ok(Admin {
@@ -69,7 +90,9 @@ impl FromRequestParts<AppState> for Admin {
                 .iter()
                 .any(|p| token.starts_with(p));
                 if herald_token {
-                    Err(ApiError::Forbidden("this endpoint needs the operator token".into()))
+                    Err(ApiError::Forbidden(
+                        "this endpoint needs the operator token".into(),
+                    ))
                 } else {
                     Err(ApiError::Unauthorized)
                 }
@@ -79,7 +102,11 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 fn hex_prefix(token: &str) -> String {
-    tokens::hash(token).iter().take(6).map(|b| format!("{b:02x}")).collect()
+    tokens::hash(token)
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// An org, by its API token.
@@ -88,7 +115,10 @@ pub struct Org(pub Uuid);
 impl FromRequestParts<AppState> for Org {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
         if let Some(org) = state.cache.org(token) {
             return Ok(Org(org));
@@ -108,7 +138,10 @@ pub struct Registration(pub Uuid);
 impl FromRequestParts<AppState> for Registration {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
         let mut conn = state.router.primary().acquire().await?;
         orgs::org_for_token(&mut conn, token, TokenKind::AgentRegistration)
@@ -125,7 +158,10 @@ pub struct Agent(pub AgentAuth);
 impl FromRequestParts<AppState> for Agent {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
         if let Some(agent) = state.cache.agent(token) {
             return Ok(Agent(agent));

@@ -41,7 +41,8 @@ pub struct ApiSettings {
 }
 
 /// A readiness check of something outside the process (the broker, say).
-pub type Probe = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type Probe =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 #[derive(Clone)]
 pub struct AppState {

@@ -74,7 +74,12 @@ impl Parked {
 
 /// Listens for assignments and agent departures until cancelled. On every (re)connect
 /// it reloads the pending assignments, so nothing assigned during a gap is missed.
-pub async fn listen(pool: PgPool, parked: Arc<Parked>, cache: Arc<TokenCache>, cancel: CancellationToken) {
+pub async fn listen(
+    pool: PgPool,
+    parked: Arc<Parked>,
+    cache: Arc<TokenCache>,
+    cancel: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     while !cancel.is_cancelled() {
         let mut listener = match PgListener::connect_with(&pool).await {

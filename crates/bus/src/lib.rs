@@ -22,10 +22,15 @@ use std::time::Duration;
 
 use lapin::{types::LongString, Connection, ConnectionProperties};
 
-pub use consumer::{run_consumer, ConsumerSpec, Incoming, Outcome};
+pub use consumer::{
+    run_consumer, ConsumerSpec, Incoming, Outcome, DRAIN_TIMEOUT, MAX_BACKOFF, MIN_BACKOFF,
+};
 pub use error::BusError;
-pub use publisher::{OutgoingMessage, Publisher};
-pub use topology::{declare_queue, declare_topology, delete_topology, queue_depth, Names};
+pub use publisher::{OutgoingMessage, Publisher, PUBLISH_TIMEOUT};
+pub use topology::{
+    declare_queue, declare_topology, delete_topology, queue_depth, Names, DELIVERY_LIMIT,
+    DISPATCH_BINDINGS,
+};
 
 /// Re-export of the AMQP client, so that callers need not depend on it directly.
 pub use lapin;

@@ -36,7 +36,11 @@ pub async fn run(url: String, settings: SweepSettings, cancel: CancellationToken
     metrics::gauge!("herald_maintenance_leader").set(0.0);
 }
 
-async fn lead(url: &str, s: &SweepSettings, cancel: &CancellationToken) -> Result<(), StorageError> {
+async fn lead(
+    url: &str,
+    s: &SweepSettings,
+    cancel: &CancellationToken,
+) -> Result<(), StorageError> {
     let mut conn = maintenance::leader_session(url, "herald-maintenance").await?;
     tokio::select! {
         r = maintenance::acquire(&mut conn, keys::MAINTENANCE) => r?,
@@ -65,7 +69,12 @@ pub async fn sweep(conn: &mut PgConnection, s: &SweepSettings) -> Result<(), Sto
     let mut tx = conn.begin().await?;
     let lost = agents::sweep_lost(&mut tx, s.lost_after_s).await?;
     let expired = jobs::expire_assignments(&mut tx, s.dispatch.accept_timeout_s).await?;
-    let deleted = outbox::expire(&mut tx, s.maintenance.outbox_retention_s, s.maintenance.expire_batch).await?;
+    let deleted = outbox::expire(
+        &mut tx,
+        s.maintenance.outbox_retention_s,
+        s.maintenance.expire_batch,
+    )
+    .await?;
     tx.commit().await?;
     if lost + expired > 0 || deleted > 0 {
         tracing::info!(lost, expired, deleted, "maintenance sweep");

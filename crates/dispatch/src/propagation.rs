@@ -49,11 +49,17 @@ pub async fn handle(pool: PgPool, msg: Incoming) -> Outcome {
     Outcome::Requeue
 }
 
-async fn propagate_once(pool: &PgPool, build: Uuid) -> Result<Propagation, herald_storage::StorageError> {
+async fn propagate_once(
+    pool: &PgPool,
+    build: Uuid,
+) -> Result<Propagation, herald_storage::StorageError> {
     let mut tx = pool.begin().await?;
     let result = propagate::propagate_build(&mut tx, build).await?;
     tx.commit().await?;
-    if let Propagation::Done { scheduled, skipped, .. } = &result {
+    if let Propagation::Done {
+        scheduled, skipped, ..
+    } = &result
+    {
         metrics::counter!("herald_jobs_unblocked_total").increment(*scheduled as u64);
         metrics::counter!("herald_jobs_skipped_total").increment(*skipped as u64);
     }

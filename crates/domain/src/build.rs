@@ -72,7 +72,10 @@ pub fn plan_propagation(jobs: &[PropagationJob]) -> Vec<(usize, JobState)> {
             if states[i] != JobState::Waiting {
                 continue;
             }
-            let deps = job.depends_on.iter().filter_map(|&d| states.get(d).copied());
+            let deps = job
+                .depends_on
+                .iter()
+                .filter_map(|&d| states.get(d).copied());
             let mut all_passed = true;
             let mut blocked = false;
             for dep in deps {
@@ -140,9 +143,17 @@ mod tests {
 
     #[test]
     fn unblocks_when_all_dependencies_passed() {
-        let jobs = [job(J::Passed, &[]), job(J::Running, &[]), job(J::Waiting, &[0, 1])];
+        let jobs = [
+            job(J::Passed, &[]),
+            job(J::Running, &[]),
+            job(J::Waiting, &[0, 1]),
+        ];
         assert!(plan_propagation(&jobs).is_empty());
-        let jobs = [job(J::Passed, &[]), job(J::Passed, &[]), job(J::Waiting, &[0, 1])];
+        let jobs = [
+            job(J::Passed, &[]),
+            job(J::Passed, &[]),
+            job(J::Waiting, &[0, 1]),
+        ];
         assert_eq!(plan_propagation(&jobs), vec![(2, J::Scheduled)]);
     }
 
@@ -163,7 +174,11 @@ mod tests {
 
     #[test]
     fn propagation_is_idempotent() {
-        let mut jobs = vec![job(J::Canceled, &[]), job(J::Waiting, &[0]), job(J::Waiting, &[1])];
+        let mut jobs = vec![
+            job(J::Canceled, &[]),
+            job(J::Waiting, &[0]),
+            job(J::Waiting, &[1]),
+        ];
         for (i, s) in plan_propagation(&jobs) {
             jobs[i].state = s;
         }

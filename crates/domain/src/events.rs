@@ -121,7 +121,10 @@ mod tests {
     fn names_round_trip() {
         for &e in EventType::ALL {
             assert_eq!(e.as_str().parse::<EventType>(), Ok(e));
-            assert_eq!(serde_json::to_value(e).ok(), Some(serde_json::json!(e.as_str())));
+            assert_eq!(
+                serde_json::to_value(e).ok(),
+                Some(serde_json::json!(e.as_str()))
+            );
         }
     }
 }

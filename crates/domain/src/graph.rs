@@ -178,6 +178,9 @@ mod tests {
             Err(GraphError::Cycle(_))
         ));
         let many = (0..501).map(|i| raw(&format!("j{i}"), &[])).collect();
-        assert_eq!(validate_jobs(many).err(), Some(GraphError::TooManyJobs(501)));
+        assert_eq!(
+            validate_jobs(many).err(),
+            Some(GraphError::TooManyJobs(501))
+        );
     }
 }

@@ -83,7 +83,10 @@ impl CommitSha {
         if s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit()) {
             Ok(CommitSha(s.to_ascii_lowercase()))
         } else {
-            Err(InputError::new("commit", "must be 40 hexadecimal characters"))
+            Err(InputError::new(
+                "commit",
+                "must be 40 hexadecimal characters",
+            ))
         }
     }
 }
@@ -95,7 +98,10 @@ impl JobKey {
         } else {
             Err(InputError::new(
                 "jobs[].key",
-                format!("`{}` must be 1-100 letters, digits, `-`, `_`, `.` or `:`", truncate(s)),
+                format!(
+                    "`{}` must be 1-100 letters, digits, `-`, `_`, `.` or `:`",
+                    truncate(s)
+                ),
             ))
         }
     }

@@ -82,7 +82,9 @@ pub enum JobAction {
     ReturnToQueue,
     Accept,
     Start,
-    Finish { exit_status: i32 },
+    Finish {
+        exit_status: i32,
+    },
     Cancel,
     /// The agent holding the job was lost or disconnected.
     AgentGone,
@@ -177,7 +179,10 @@ impl BuildState {
         matches!(
             (self, next),
             (B::Scheduled, B::Running)
-                | (B::Scheduled | B::Running, B::Passed | B::Failed | B::Canceled)
+                | (
+                    B::Scheduled | B::Running,
+                    B::Passed | B::Failed | B::Canceled
+                )
         )
     }
 }

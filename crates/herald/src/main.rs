@@ -1,1 +1,82 @@
-fn main() {}
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use herald::app;
+use herald::config::Config;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Job dispatch and notification fan-out for CI"
+)]
+struct Cli {
+    /// Config file layered over config/default.toml (also HERALD_CONFIG).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply database migrations to the primary (idempotent).
+    Migrate,
+    /// Run the listed roles in this process (all roles without the flag).
+    Serve {
+        /// Comma-separated: api,relay,dispatch,notify,maintenance
+        #[arg(long)]
+        roles: Option<String>,
+    },
+    /// Migrate, start every role, and drive it with in-process agents and builds.
+    Demo(herald::demo::DemoArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    herald::telemetry::logging(&cfg.log.filter, cfg.log.json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("herald: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, cfg)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, cfg: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate => {
+            app::migrate(&cfg).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Serve { roles } => {
+            let roles = app::parse_roles(roles.as_deref())?;
+            herald::telemetry::metrics();
+            let running = app::start(cfg, roles).await.context("starting roles")?;
+            app::shutdown_signal().await;
+            tracing::info!("shutting down");
+            running.shutdown().await;
+            Ok(())
+        }
+        Command::Demo(args) => herald::demo::run(cfg, args).await,
+    }
+}

@@ -36,7 +36,11 @@ pub async fn register(
     .bind(tokens::hash(&token))
     .fetch_one(&mut *conn)
     .await?;
-    events::insert(conn, vec![NewEvent::agent(EventType::AgentConnected, &agent)]).await?;
+    events::insert(
+        conn,
+        vec![NewEvent::agent(EventType::AgentConnected, &agent)],
+    )
+    .await?;
     events::notify(conn, channels::DISPATCH, "").await?;
     Ok((agent, token))
 }
@@ -110,8 +114,16 @@ pub async fn sweep_lost(conn: &mut PgConnection, lost_after_s: f64) -> Result<us
 /// Marks locked agents lost or disconnected and settles their jobs: an assignment goes
 /// back to the queue, accepted or running jobs fail with exit status -1, canceling
 /// jobs become canceled.
-async fn release(conn: &mut PgConnection, agent_ids: &[Uuid], to: AgentState) -> Result<(), StorageError> {
-    let column = if to == AgentState::Lost { "lost_at" } else { "disconnected_at" };
+async fn release(
+    conn: &mut PgConnection,
+    agent_ids: &[Uuid],
+    to: AgentState,
+) -> Result<(), StorageError> {
+    let column = if to == AgentState::Lost {
+        "lost_at"
+    } else {
+        "disconnected_at"
+    };
     let agents: Vec<AgentView> = sqlx::query_as(&format!(
         "UPDATE agents a SET state = $2, {column} = now(), updated_at = now() \
          WHERE a.id = ANY($1) AND a.state IS DISTINCT FROM $2 RETURNING {AGENT_COLUMNS}"
@@ -142,7 +154,10 @@ async fn release(conn: &mut PgConnection, agent_ids: &[Uuid], to: AgentState) ->
     };
     events::insert(
         conn,
-        agents.iter().map(|a| NewEvent::agent(event_type, a)).collect(),
+        agents
+            .iter()
+            .map(|a| NewEvent::agent(event_type, a))
+            .collect(),
     )
     .await?;
     events::emit_for_jobs(conn, EventType::JobScheduled, &requeued).await?;

@@ -152,10 +152,14 @@ pub async fn assign_round(
 
 /// Jobs currently assigned but not accepted, for a process that (re)starts listening
 /// and must not miss assignments made while it was not.
-pub async fn pending_assignments(conn: &mut PgConnection) -> Result<Vec<(Uuid, Uuid)>, StorageError> {
-    let rows = sqlx::query("SELECT agent_id, id FROM jobs WHERE state = 'assigned' AND agent_id IS NOT NULL")
-        .fetch_all(conn)
-        .await?;
+pub async fn pending_assignments(
+    conn: &mut PgConnection,
+) -> Result<Vec<(Uuid, Uuid)>, StorageError> {
+    let rows = sqlx::query(
+        "SELECT agent_id, id FROM jobs WHERE state = 'assigned' AND agent_id IS NOT NULL",
+    )
+    .fetch_all(conn)
+    .await?;
     rows.iter()
         .map(|r| Ok((r.try_get("agent_id")?, r.try_get("id")?)))
         .collect()

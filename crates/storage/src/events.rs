@@ -85,7 +85,11 @@ pub async fn insert(conn: &mut PgConnection, events: Vec<NewEvent>) -> Result<()
     notify(conn, channels::OUTBOX, "").await
 }
 
-pub async fn notify(conn: &mut PgConnection, channel: &str, payload: &str) -> Result<(), sqlx::Error> {
+pub async fn notify(
+    conn: &mut PgConnection,
+    channel: &str,
+    payload: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(channel)
         .bind(payload)
@@ -131,7 +135,11 @@ pub async fn emit_for_jobs(
     let builds = load_builds(conn, &build_ids).await?;
     let events = jobs
         .iter()
-        .filter_map(|j| builds.get(&j.build_id).map(|b| NewEvent::job(event_type, b, j)))
+        .filter_map(|j| {
+            builds
+                .get(&j.build_id)
+                .map(|b| NewEvent::job(event_type, b, j))
+        })
         .collect();
     insert(conn, events).await?;
     Ok(jobs)

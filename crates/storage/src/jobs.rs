@@ -1,11 +1,11 @@
 //! An agent's calls on its job: accept, start, finish. Each is idempotent: repeating a
 //! call that already took effect returns the job as it is.
 
+use crate::channels;
 use crate::error::StorageError;
 use crate::events;
 use crate::propagate::set_build_state;
 use crate::views::{JobView, JOB_COLUMNS};
-use crate::channels;
 use herald_domain::{BuildState, EventType, JobAction, JobState};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -131,7 +131,10 @@ pub async fn apply(
 
 /// Assignments older than `timeout_s` go back to `scheduled`. Skips locked rows and
 /// works in batches; returns how many jobs it returned to the queue.
-pub async fn expire_assignments(conn: &mut PgConnection, timeout_s: f64) -> Result<usize, StorageError> {
+pub async fn expire_assignments(
+    conn: &mut PgConnection,
+    timeout_s: f64,
+) -> Result<usize, StorageError> {
     let ids: Vec<Uuid> = sqlx::query_scalar(
         "WITH expired AS ( \
              SELECT id FROM jobs WHERE state = 'assigned' \

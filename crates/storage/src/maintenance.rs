@@ -14,7 +14,10 @@ pub mod keys {
 /// Opens a dedicated session for holding a leader lock. The server checks every second
 /// that the client is still there, so a standby blocked in `pg_advisory_lock` is
 /// cleaned up when its process dies.
-pub async fn leader_session(url: &str, application_name: &str) -> Result<PgConnection, StorageError> {
+pub async fn leader_session(
+    url: &str,
+    application_name: &str,
+) -> Result<PgConnection, StorageError> {
     let mut conn = PgConnection::connect(url).await?;
     sqlx::query("SELECT set_config('application_name', $1, false), set_config('client_connection_check_interval', '1s', false)")
         .bind(application_name)

@@ -14,7 +14,10 @@ pub struct OutboxRow {
     pub payload: serde_json::Value,
 }
 
-pub async fn fetch_unpublished(conn: &mut PgConnection, limit: i64) -> Result<Vec<OutboxRow>, StorageError> {
+pub async fn fetch_unpublished(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, StorageError> {
     let rows = sqlx::query(
         "SELECT id, event_id, event_type, build_id, payload FROM outbox \
          WHERE published_at IS NULL ORDER BY id LIMIT $1",
@@ -56,7 +59,11 @@ pub async fn backlog(conn: &mut PgConnection) -> Result<(i64, Option<f64>), Stor
 }
 
 /// Deletes at most `batch` published rows older than `retention_s`, skipping locked ones.
-pub async fn expire(conn: &mut PgConnection, retention_s: f64, batch: i64) -> Result<u64, StorageError> {
+pub async fn expire(
+    conn: &mut PgConnection,
+    retention_s: f64,
+    batch: i64,
+) -> Result<u64, StorageError> {
     Ok(sqlx::query(
         "DELETE FROM outbox WHERE id IN ( \
              SELECT id FROM outbox WHERE published_at < now() - make_interval(secs => $1) \

@@ -128,11 +128,10 @@ impl ReadRouter {
         }
         let written = self.inner.written_lsn.load(Ordering::Acquire);
         if written > self.inner.replayed_lsn.load(Ordering::Acquire) {
-            let replayed: Result<Option<i64>, _> = sqlx::query_scalar(
-                "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
-            )
-            .fetch_one(replica)
-            .await;
+            let replayed: Result<Option<i64>, _> =
+                sqlx::query_scalar("SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint")
+                    .fetch_one(replica)
+                    .await;
             match replayed {
                 Ok(Some(r)) => {
                     let r = u64::try_from(r).unwrap_or(0);

@@ -162,7 +162,10 @@ pub async fn set_build_state(
 }
 
 /// For tests and ops: the build as the primary sees it.
-pub async fn build_state(conn: &mut PgConnection, build_id: Uuid) -> Result<BuildView, StorageError> {
+pub async fn build_state(
+    conn: &mut PgConnection,
+    build_id: Uuid,
+) -> Result<BuildView, StorageError> {
     let builds = events::load_builds(conn, &[build_id]).await?;
     builds
         .into_values()

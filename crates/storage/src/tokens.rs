@@ -22,7 +22,10 @@ pub fn hash(token: &str) -> Vec<u8> {
 /// Compares two tokens without leaking where they differ.
 pub fn constant_time_eq(a: &str, b: &str) -> bool {
     let (ha, hb) = (hash(a), hash(b));
-    ha.iter().zip(hb.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    ha.iter()
+        .zip(hb.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 #[cfg(test)]

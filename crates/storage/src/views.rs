@@ -28,7 +28,8 @@ pub struct BuildView {
 }
 
 /// Columns for [`BuildView`]; the query must join `pipelines p` to `builds b`.
-pub const BUILD_COLUMNS: &str = "b.id, b.org_id, b.number, b.state, b.commit_sha, b.branch, b.message, \
+pub const BUILD_COLUMNS: &str =
+    "b.id, b.org_id, b.number, b.state, b.commit_sha, b.branch, b.message, \
      p.slug AS pipeline, p.repository, b.created_at, b.started_at, b.finished_at, \
      b.cancel_requested_at IS NOT NULL AS canceled";
 
@@ -77,7 +78,8 @@ pub struct JobView {
     pub org_id: Uuid,
 }
 
-pub const JOB_COLUMNS: &str = "j.id, j.build_id, j.org_id, j.key, j.label, j.command, j.queue, j.priority, \
+pub const JOB_COLUMNS: &str =
+    "j.id, j.build_id, j.org_id, j.key, j.label, j.command, j.queue, j.priority, \
      j.state, j.depends_on, j.agent_id, j.exit_status, j.env, j.created_at, j.scheduled_at, \
      j.assigned_at, j.accepted_at, j.started_at, j.finished_at";
 

@@ -35,7 +35,9 @@ pub async fn register(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let name = body.name.trim();
     if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
-        return Err(ApiError::invalid("name: must be 1-255 characters without control characters"));
+        return Err(ApiError::invalid(
+            "name: must be 1-255 characters without control characters",
+        ));
     }
     if body.queues.is_empty() || body.queues.len() > 32 {
         return Err(ApiError::invalid("queues: must list 1 to 32 queues"));
@@ -108,7 +110,8 @@ pub async fn ping(
             match jobs::job_for_agent(&mut conn, agent.id, job_id).await {
                 Ok(job) if job.state == "assigned" => {
                     if let Some(at) = job.scheduled_at {
-                        let latency = (Utc::now() - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                        let latency =
+                            (Utc::now() - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
                         metrics::histogram!("herald_dispatch_latency_seconds").record(latency);
                     }
                     return Ok((StatusCode::OK, Json(ping_job(&job))).into_response());
@@ -131,12 +134,18 @@ pub async fn ping(
     }
 }
 
-pub async fn heartbeat(State(state): State<AppState>, Agent(agent): Agent) -> Json<serde_json::Value> {
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    Agent(agent): Agent,
+) -> Json<serde_json::Value> {
     let at = state.heartbeats.record(agent.id);
     Json(json!({"received_at": at}))
 }
 
-pub async fn disconnect(State(state): State<AppState>, Agent(agent): Agent) -> Result<StatusCode, ApiError> {
+pub async fn disconnect(
+    State(state): State<AppState>,
+    Agent(agent): Agent,
+) -> Result<StatusCode, ApiError> {
     let mut tx = state.router.primary().begin().await?;
     herald_storage::agents::disconnect(&mut tx, agent.id).await?;
     tx.commit().await?;
@@ -145,7 +154,12 @@ pub async fn disconnect(State(state): State<AppState>, Agent(agent): Agent) -> R
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn call(state: &AppState, agent: Uuid, id: &str, call: AgentCall) -> Result<Json<JobView>, ApiError> {
+async fn call(
+    state: &AppState,
+    agent: Uuid,
+    id: &str,
+    call: AgentCall,
+) -> Result<Json<JobView>, ApiError> {
     let id = parse_id(id, "job")?;
     let mut tx = state.router.primary().begin().await?;
     let job = jobs::apply(&mut tx, agent, id, call).await?;
@@ -157,11 +171,19 @@ async fn call(state: &AppState, agent: Uuid, id: &str, call: AgentCall) -> Resul
     Ok(Json(job))
 }
 
-pub async fn accept(State(state): State<AppState>, Agent(agent): Agent, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+pub async fn accept(
+    State(state): State<AppState>,
+    Agent(agent): Agent,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
     call(&state, agent.id, &id, AgentCall::Accept).await
 }
 
-pub async fn start(State(state): State<AppState>, Agent(agent): Agent, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+pub async fn start(
+    State(state): State<AppState>,
+    Agent(agent): Agent,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
     call(&state, agent.id, &id, AgentCall::Start).await
 }
 
@@ -177,5 +199,13 @@ pub async fn finish(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<Finish>,
 ) -> Result<Json<JobView>, ApiError> {
-    call(&state, agent.id, &id, AgentCall::Finish { exit_status: body.exit_status }).await
+    call(
+        &state,
+        agent.id,
+        &id,
+        AgentCall::Finish {
+            exit_status: body.exit_status,
+        },
+    )
+    .await
 }

@@ -71,9 +71,10 @@ pub async fn get(
     };
     match result {
         Ok(b) => Ok(Json(b)),
-        // Not on the replica yet (or the replica is down): the primary has the truth.
-        Err(e) if reader.is_replica && (matches!(e, StorageError::NotFound(_)) || e.is_unavailable()) => {
-            if e.is_unavailable() {
+        // Not on the replica yet, or the replica failed: the primary has the truth.
+        Err(e) if reader.is_replica => {
+            if !matches!(e, StorageError::NotFound(_)) {
+                tracing::warn!(error = %e, "replica read failed; using the primary");
                 state.router.replica_failed();
             }
             let mut conn = state.router.primary().acquire().await?;
@@ -106,7 +107,8 @@ pub async fn list(
     };
     let rows = match rows {
         Ok(rows) => rows,
-        Err(e) if reader.is_replica && e.is_unavailable() => {
+        Err(e) if reader.is_replica => {
+            tracing::warn!(error = %e, "replica read failed; using the primary");
             state.router.replica_failed();
             let mut conn = state.router.primary().acquire().await?;
             builds::list_builds(&mut conn, org, &filter).await?

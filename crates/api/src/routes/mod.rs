@@ -23,12 +23,21 @@ pub fn page(q: &HashMap<String, String>) -> Result<Page, ApiError> {
         None => DEFAULT_LIMIT,
         Some(v) => match v.parse::<i64>() {
             Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => return Err(ApiError::invalid(format!("limit must be an integer from 1 to {MAX_LIMIT}"))),
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "limit must be an integer from 1 to {MAX_LIMIT}"
+                )))
+            }
         },
     };
     let before = match q.get("cursor").filter(|c| !c.is_empty()) {
         None => None,
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| ApiError::BadRequest("invalid_cursor", "cursor is not one this API returned".into()))?),
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+            ApiError::BadRequest(
+                "invalid_cursor",
+                "cursor is not one this API returned".into(),
+            )
+        })?),
     };
     Ok(Page { limit, before })
 }
@@ -50,6 +59,10 @@ pub fn list_response<T: serde::Serialize>(
 ) -> serde_json::Value {
     let more = rows.len() > usize::try_from(limit).unwrap_or(usize::MAX);
     rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    let next = if more { rows.last().map(|r| encode_cursor(id(r))) } else { None };
+    let next = if more {
+        rows.last().map(|r| encode_cursor(id(r)))
+    } else {
+        None
+    };
     serde_json::json!({"items": rows, "next_cursor": next})
 }

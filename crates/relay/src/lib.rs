@@ -1,0 +1,147 @@
+//! The outbox relay: publishes committed events from PostgreSQL to RabbitMQ's
+//! `{prefix}.events` exchange, in order, with publisher confirms.
+//!
+//! Owns nothing but the hand-over. Reads the outbox on its own small pool and never
+//! holds a transaction while it talks to the broker: rows are read, published and
+//! confirmed, and only then marked published. A relay killed in between publishes
+//! them again (at-least-once; consumers deduplicate by message id). One relay at a
+//! time is elected with an advisory lock, so several relay processes never storm the
+//! broker and the events of a build keep their order.
+
+use herald_bus::{OutgoingMessage, Publisher};
+use herald_storage::maintenance::{self, keys};
+use herald_storage::{channels, outbox, StorageError};
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct RelaySettings {
+    pub batch_size: i64,
+    /// The relay wakes on NOTIFY at commit; this poll is only a backstop.
+    pub backstop_poll_s: f64,
+}
+
+pub async fn run(
+    url: String,
+    pool: PgPool,
+    publisher: Arc<Publisher>,
+    settings: RelaySettings,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    while !cancel.is_cancelled() {
+        match lead(&url, &pool, &publisher, &settings, &cancel).await {
+            Ok(()) => break,
+            Err(e) => {
+                metrics::gauge!("herald_relay_leader").set(0.0);
+                tracing::warn!(error = %e, "relay session ended; standing for election again");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cancel.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    metrics::gauge!("herald_relay_leader").set(0.0);
+}
+
+async fn lead(
+    url: &str,
+    pool: &PgPool,
+    publisher: &Publisher,
+    s: &RelaySettings,
+    cancel: &CancellationToken,
+) -> Result<(), StorageError> {
+    let mut session = maintenance::leader_session(url, "herald-relay").await?;
+    tokio::select! {
+        r = maintenance::acquire(&mut session, keys::RELAY) => r?,
+        _ = cancel.cancelled() => return Ok(()),
+    }
+    tracing::info!("elected outbox relay");
+    metrics::gauge!("herald_relay_leader").set(1.0);
+    let wake = Arc::new(Notify::new());
+    let listener = tokio::spawn(listen(pool.clone(), wake.clone(), cancel.clone()));
+    let result = relay_loop(&mut session, publisher, s, &wake, cancel).await;
+    listener.abort();
+    if result.is_ok() {
+        let _ = maintenance::release(&mut session, keys::RELAY).await;
+        let _ = session.close().await;
+    }
+    result
+}
+
+async fn relay_loop(
+    session: &mut PgConnection,
+    publisher: &Publisher,
+    s: &RelaySettings,
+    wake: &Notify,
+    cancel: &CancellationToken,
+) -> Result<(), StorageError> {
+    let backstop = Duration::from_secs_f64(s.backstop_poll_s.max(0.1));
+    let mut broker_backoff = Duration::from_millis(100);
+    loop {
+        // Reads run on the leader's own session: if it died, we are no longer leader.
+        let rows = outbox::fetch_unpublished(session, s.batch_size).await?;
+        if rows.is_empty() {
+            metrics::gauge!("herald_outbox_backlog").set(0.0);
+            tokio::select! {
+                _ = wake.notified() => continue,
+                _ = tokio::time::sleep(backstop) => continue,
+                _ = cancel.cancelled() => return Ok(()),
+            }
+        }
+        let msgs: Vec<OutgoingMessage> = rows
+            .iter()
+            .map(|r| OutgoingMessage {
+                routing_key: r.event_type.clone(),
+                message_id: r.event_id.to_string(),
+                body: serde_json::to_vec(&r.payload).unwrap_or_default(),
+                headers: r
+                    .build_id
+                    .map(|b| vec![("build_id".to_owned(), b.to_string())])
+                    .unwrap_or_default(),
+            })
+            .collect();
+        match publisher.publish_events(&msgs).await {
+            Ok(()) => {
+                broker_backoff = Duration::from_millis(100);
+                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+                outbox::mark_published(session, &ids).await?;
+                metrics::counter!("herald_relay_published_total").increment(ids.len() as u64);
+            }
+            Err(e) => {
+                // The rows stay unpublished; nothing is lost while the broker is away.
+                metrics::counter!("herald_relay_publish_errors_total").increment(1);
+                tracing::warn!(error = %e, n = rows.len(), "publish failed; will retry");
+                tokio::select! {
+                    _ = tokio::time::sleep(broker_backoff) => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+                broker_backoff = (broker_backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn listen(pool: PgPool, wake: Arc<Notify>, cancel: CancellationToken) {
+    while !cancel.is_cancelled() {
+        let Ok(mut listener) = PgListener::connect_with(&pool).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        if listener.listen(channels::OUTBOX).await.is_err() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        wake.notify_one();
+        while let Ok(n) = listener.try_recv().await {
+            let _ = n;
+            wake.notify_one();
+        }
+    }
+}

@@ -41,7 +41,9 @@ async fn lead(
     s: &SweepSettings,
     cancel: &CancellationToken,
 ) -> Result<(), StorageError> {
-    let mut conn = maintenance::leader_session(url, "herald-maintenance").await?;
+    let mut conn =
+        maintenance::leader_session(url, &format!("herald-maintenance-{}", std::process::id()))
+            .await?;
     tokio::select! {
         r = maintenance::acquire(&mut conn, keys::MAINTENANCE) => r?,
         // Dropping the session releases the wait; nothing is held yet.

@@ -57,7 +57,8 @@ async fn lead(
     s: &RelaySettings,
     cancel: &CancellationToken,
 ) -> Result<(), StorageError> {
-    let mut session = maintenance::leader_session(url, "herald-relay").await?;
+    let mut session =
+        maintenance::leader_session(url, &format!("herald-relay-{}", std::process::id())).await?;
     tokio::select! {
         r = maintenance::acquire(&mut session, keys::RELAY) => r?,
         _ = cancel.cancelled() => return Ok(()),

@@ -109,7 +109,7 @@ pub async fn assign_round(
     let mut out = Vec::new();
     for job in candidates {
         let pick = agents.iter().enumerate().position(|(i, a)| {
-            !taken[i] && a.org_id == job.org_id && a.queues.iter().any(|q| *q == job.queue)
+            !taken[i] && a.org_id == job.org_id && a.queues.contains(&job.queue)
         });
         if let Some(i) = pick {
             taken[i] = true;

@@ -1,0 +1,351 @@
+//! Dispatch, propagation and maintenance against the real services, across processes.
+
+mod common;
+
+use common::*;
+use herald_client::{Client, Method};
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+const T: Duration = Duration::from_secs(60);
+
+/// Runs jobs until `stop` is set: ping, accept, start, finish (failing the keys in `fail`).
+async fn work(agent: Client, stop: Arc<AtomicBool>, fail: Arc<HashSet<String>>) -> Vec<Uuid> {
+    let mut ran = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match agent.ping(1).await {
+            Ok(Some(job)) => {
+                let exit = i32::from(fail.contains(&job.key));
+                agent
+                    .run_job(job.id, exit, Duration::ZERO)
+                    .await
+                    .expect("run job");
+                ran.push(job.id);
+            }
+            Ok(None) => {}
+            Err(e) => panic!("ping failed: {e}"),
+        }
+    }
+    ran
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fan_in_of_200_jobs_finished_by_50_agents_at_once() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api,relay,dispatch,maintenance", &[]).await;
+    let (api, reg) = org(&app, "acme").await;
+
+    let mut jobs: Vec<_> = (0..200)
+        .map(|i| json!({"key": format!("j{i}"), "command": "true"}))
+        .collect();
+    let deps: Vec<String> = (0..200).map(|i| format!("j{i}")).collect();
+    jobs.push(json!({"key": "final", "command": "true", "depends_on": deps}));
+    let passing = api
+        .create_build("web", &build_body(json!(jobs)))
+        .await
+        .expect("create");
+
+    // A second build where one job fails: the final job is skipped, the build fails.
+    let mut jobs: Vec<_> = (0..20)
+        .map(|i| json!({"key": format!("k{i}"), "command": "true"}))
+        .collect();
+    let deps: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    jobs.push(json!({"key": "final", "command": "true", "depends_on": deps}));
+    jobs.push(json!({"key": "after", "command": "true", "depends_on": ["final"]}));
+    let failing = api
+        .create_build("web", &build_body(json!(jobs)))
+        .await
+        .expect("create");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let fail: Arc<HashSet<String>> = Arc::new(["k7".to_owned()].into());
+    let mut workers = Vec::new();
+    for i in 0..50 {
+        let (a, _) = agent(&app, &reg, &format!("ci-{i}")).await;
+        workers.push(tokio::spawn(work(a, stop.clone(), fail.clone())));
+    }
+    let pid = passing["id"].as_str().expect("id").to_owned();
+    let fid = failing["id"].as_str().expect("id").to_owned();
+    let passed = wait_build_state(&api, &pid, "passed", T).await;
+    let failed = wait_build_state(&api, &fid, "failed", T).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut ran = Vec::new();
+    for w in workers {
+        ran.extend(w.await.expect("worker"));
+    }
+
+    let jobs = passed["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), 201);
+    assert!(
+        jobs.iter().all(|j| j["state"] == "passed"),
+        "every job passed"
+    );
+    let states: HashMap<&str, &str> = failed["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|j| {
+            (
+                j["key"].as_str().unwrap_or(""),
+                j["state"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(states["k7"], "failed");
+    assert_eq!(states["final"], "skipped");
+    assert_eq!(states["after"], "skipped");
+    assert_eq!(states.values().filter(|s| **s == "passed").count(), 19);
+
+    // No job ran twice, none was lost: exactly the 201 + 20 runnable jobs ran once.
+    let unique: HashSet<Uuid> = ran.iter().copied().collect();
+    assert_eq!(unique.len(), ran.len(), "a job went to two agents");
+    assert_eq!(ran.len(), 221);
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox WHERE event_type = 'build.finished'")
+            .await,
+        2,
+        "one build.finished per build, however many propagations ran"
+    );
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ping_parked_in_one_process_gets_a_job_assigned_by_another() {
+    let env = TestEnv::new().await;
+    // This process serves the API only; the dispatcher runs in a child process.
+    let mut app = env.start("api", &[]).await;
+    let mut dispatcher = env.spawn("dispatch,relay,maintenance", &[]);
+    let (api, reg) = org(&app, "acme").await;
+    let (agent, agent_id) = agent(&app, &reg, "ci-1").await;
+
+    let parked = tokio::spawn(async move { agent.ping(20).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let build = api
+        .create_build("web", &build_body(json!([{"key": "a", "command": "x"}])))
+        .await
+        .expect("create");
+    let job = parked
+        .await
+        .expect("join")
+        .expect("ping")
+        .expect("the parked ping got the job");
+    assert_eq!(job.id, job_id(&build, "a"));
+    let row: (String, Option<Uuid>) =
+        sqlx::query_as("SELECT state, agent_id FROM jobs WHERE id = $1")
+            .bind(job.id)
+            .fetch_one(&env.pool)
+            .await
+            .expect("job row");
+    assert_eq!(row, ("assigned".to_owned(), Some(agent_id)));
+    kill9(&mut dispatcher);
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unaccepted_assignment_returns_to_the_queue() {
+    let env = TestEnv::new().await;
+    let mut app = env
+        .start(
+            "api,relay,dispatch,maintenance",
+            &[("HERALD_DISPATCH__ACCEPT_TIMEOUT_S", "1")],
+        )
+        .await;
+    let (api, reg) = org(&app, "acme").await;
+    let (slow, _) = agent(&app, &reg, "slow").await;
+    let build = api
+        .create_build("web", &build_body(json!([{"key": "a", "command": "x"}])))
+        .await
+        .expect("create");
+    let job = slow.ping(10).await.expect("ping").expect("job");
+    // The slow agent never accepts. Another agent gets the job after the timeout.
+    let (fast, fast_id) = agent(&app, &reg, "fast").await;
+    let again = eventually(T, "reassignment", || async {
+        fast.ping(2).await.ok().flatten()
+    })
+    .await;
+    assert_eq!(again.id, job.id);
+    assert_eq!(
+        call(
+            &slow,
+            Method::PUT,
+            &format!("/v1/jobs/{}/accept", job.id),
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    let accepted = fast.job_call(job.id, "accept", None).await.expect("accept");
+    assert_eq!(accepted["agent_id"], json!(fast_id));
+    assert!(
+        env.count("SELECT count(*) FROM outbox WHERE event_type = 'job.scheduled'")
+            .await
+            >= 2
+    );
+    let _ = build;
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_agent_fails_its_running_job_with_exit_status_minus_one() {
+    let env = TestEnv::new().await;
+    let mut app = env
+        .start(
+            "api,relay,dispatch,maintenance",
+            &[("HERALD_AGENTS__LOST_AFTER_S", "2")],
+        )
+        .await;
+    let (api, reg) = org(&app, "acme").await;
+    let (agent, agent_id) = agent(&app, &reg, "ci-1").await;
+    let build = api
+        .create_build("web", &build_body(json!([{"key": "a", "command": "x"}, {"key": "b", "command": "x", "depends_on": ["a"]}])))
+        .await
+        .expect("create");
+    let job = agent.ping(10).await.expect("ping").expect("job");
+    agent
+        .job_call(job.id, "accept", None)
+        .await
+        .expect("accept");
+    agent.job_call(job.id, "start", None).await.expect("start");
+    // The agent goes silent.
+    let id = build["id"].as_str().expect("id").to_owned();
+    let failed = wait_build_state(&api, &id, "failed", T).await;
+    let a = &failed["jobs"][0];
+    assert_eq!(a["state"], "failed");
+    assert_eq!(a["exit_status"], -1);
+    assert_eq!(failed["jobs"][1]["state"], "skipped");
+    let state: String = sqlx::query_scalar("SELECT state FROM agents WHERE id = $1")
+        .bind(agent_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("agent");
+    assert_eq!(state, "lost");
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox WHERE event_type = 'agent.lost'")
+            .await,
+        1
+    );
+    assert_eq!(
+        call(&agent, Method::POST, "/v1/agent/heartbeat", None)
+            .await
+            .0,
+        401
+    );
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_keep_an_agent_connected() {
+    let env = TestEnv::new().await;
+    let mut app = env
+        .start("api,maintenance", &[("HERALD_AGENTS__LOST_AFTER_S", "2")])
+        .await;
+    let (_, reg) = org(&app, "acme").await;
+    let (agent, agent_id) = agent(&app, &reg, "ci-1").await;
+    for _ in 0..8 {
+        assert_eq!(
+            call(&agent, Method::POST, "/v1/agent/heartbeat", None)
+                .await
+                .0,
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let state: String = sqlx::query_scalar("SELECT state FROM agents WHERE id = $1")
+        .bind(agent_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("agent");
+    assert_eq!(
+        state, "connected",
+        "4 s of heartbeats with lost_after_s = 2"
+    );
+    app.stop().await;
+    env.cleanup().await;
+}
+
+/// Which child holds the maintenance lock, by the pid in its application name.
+async fn maintenance_leader(env: &TestEnv) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND a.datname = $1 \
+           AND a.application_name LIKE 'herald-maintenance%'",
+    )
+    .bind(&env.db)
+    .fetch_all(&env.pool)
+    .await
+    .expect("pg_locks")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_maintenance_leader_and_a_fast_takeover_after_kill_9() {
+    let env = TestEnv::new().await;
+    let mut first = env.spawn("maintenance", &[]);
+    let mut second = env.spawn("maintenance", &[]);
+    let leader = eventually(T, "a leader", || async {
+        let l = maintenance_leader(&env).await;
+        (l.len() == 1).then(|| l[0].clone())
+    })
+    .await;
+    // Both stand; only one holds the lock while the other waits.
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND NOT l.granted AND a.datname = $1",
+    )
+    .bind(&env.db)
+    .fetch_one(&env.pool)
+    .await
+    .expect("waiters");
+    let waiting = if waiting == 1 {
+        waiting
+    } else {
+        eventually(T, "the standby to wait", || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND NOT l.granted AND a.datname = $1",
+            )
+            .bind(&env.db)
+            .fetch_one(&env.pool)
+            .await
+            .ok()?;
+            (n == 1).then_some(n)
+        })
+        .await
+    };
+    assert_eq!(waiting, 1);
+    assert_eq!(maintenance_leader(&env).await.len(), 1);
+
+    let first_pid = first.id().to_string();
+    let (victim, survivor_pid) = if leader.ends_with(&format!("-{first_pid}")) {
+        (&mut first, second.id().to_string())
+    } else {
+        (&mut second, first_pid)
+    };
+    kill9(victim);
+    let started = std::time::Instant::now();
+    let new_leader = eventually(
+        Duration::from_secs(15),
+        "the standby to take over",
+        || async {
+            let l = maintenance_leader(&env).await;
+            (l.len() == 1 && l[0] != leader).then(|| l[0].clone())
+        },
+    )
+    .await;
+    assert!(
+        new_leader.ends_with(&format!("-{survivor_pid}")),
+        "{new_leader} vs {survivor_pid}"
+    );
+    eprintln!("takeover after kill -9 took {:?}", started.elapsed());
+    kill9(&mut first);
+    kill9(&mut second);
+    env.cleanup().await;
+}

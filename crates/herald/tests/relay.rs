@@ -1,0 +1,170 @@
+//! The outbox relay and the broker: nothing committed is ever lost.
+
+mod common;
+
+use common::*;
+use herald_client::Method;
+use serde_json::json;
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+async fn unpublished(env: &TestEnv) -> i64 {
+    env.count("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_killed_between_commit_and_publish_loses_no_event() {
+    let env = TestEnv::new().await;
+    let tap = EventTap::new(&env.prefix).await;
+    let mut app = env.start("api", &[]).await;
+    let (api, _) = org(&app, "acme").await;
+
+    // Events committed while no relay runs wait in the outbox.
+    for _ in 0..10 {
+        api.create_build("web", &build_body(json!([{"key": "a"}, {"key": "b"}])))
+            .await
+            .expect("create");
+    }
+    assert!(unpublished(&env).await >= 30);
+
+    // A relay starts, and is killed with -9 while builds keep committing.
+    let mut relay = env.spawn("relay", &[]);
+    let writer = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            for _ in 0..60 {
+                api.create_build(
+                    "web",
+                    &build_body(json!([{"key": "a"}, {"key": "b"}, {"key": "c"}])),
+                )
+                .await
+                .expect("create");
+            }
+        })
+    };
+    eventually(T, "the relay to publish something", || async {
+        (!tap.snapshot().is_empty()).then_some(())
+    })
+    .await;
+    kill9(&mut relay);
+    writer.await.expect("writer");
+    assert!(unpublished(&env).await > 0, "the kill left work behind");
+
+    // A new relay publishes everything that was committed.
+    let mut relay = env.spawn("relay", &[]);
+    eventually(T, "the outbox to drain", || async {
+        (unpublished(&env).await == 0).then_some(())
+    })
+    .await;
+    let committed: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM outbox")
+        .fetch_all(&env.pool)
+        .await
+        .expect("outbox");
+    let want: HashSet<String> = committed.iter().map(|id| id.to_string()).collect();
+    let got = eventually(T, "every event on the broker", || async {
+        let got: HashSet<String> = tap.snapshot().into_iter().map(|(id, _, _)| id).collect();
+        want.is_subset(&got).then_some(got)
+    })
+    .await;
+    assert!(want.len() >= 10 * 3 + 60 * 4);
+    assert_eq!(got.len(), want.len(), "no event the database does not have");
+    kill9(&mut relay);
+    tap.close().await;
+    app.stop().await;
+    env.cleanup().await;
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = Command::new("rabbitmqctl")
+        .args(args)
+        .status()
+        .expect("rabbitmqctl");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+/// Restarts the shared broker: run on its own (see scripts/test.sh).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_restart_loses_nothing_and_consumers_come_back() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api,relay,dispatch,maintenance", &[]).await;
+    let (api, reg) = org(&app, "acme").await;
+    let (agent, _) = agent(&app, &reg, "ci-1").await;
+    let two_step =
+        json!([{"key": "a", "command": "x"}, {"key": "b", "command": "x", "depends_on": ["a"]}]);
+    let before = api
+        .create_build("web", &build_body(two_step.clone()))
+        .await
+        .expect("create");
+    let job = agent.ping(10).await.expect("ping").expect("job");
+    agent
+        .job_call(job.id, "accept", None)
+        .await
+        .expect("accept");
+
+    rabbitmqctl(&["stop_app"]);
+    let restarted = scopeguard(|| {
+        let _ = Command::new("rabbitmqctl").args(["start_app"]).status();
+    });
+    // While the broker is down, work goes on and events wait in the outbox.
+    agent.job_call(job.id, "start", None).await.expect("start");
+    agent
+        .job_call(job.id, "finish", Some(&json!({"exit_status": 0})))
+        .await
+        .expect("finish");
+    let during = api
+        .create_build("web", &build_body(two_step.clone()))
+        .await
+        .expect("create while down");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(unpublished(&env).await > 0, "events wait for the broker");
+    let (s, ready) = call(&app.client, Method::GET, "/readyz", None).await;
+    assert_eq!(s, 503, "{ready}");
+
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    drop(restarted);
+
+    // Publisher and consumers reconnect; propagation resumes; both builds finish.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(Some(job)) = agent.ping(1).await {
+                    agent.run_job(job.id, 0, Duration::ZERO).await.expect("run");
+                }
+            }
+        })
+    };
+    for b in [&before, &during] {
+        wait_build_state(
+            &api,
+            b["id"].as_str().expect("id"),
+            "passed",
+            Duration::from_secs(90),
+        )
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    worker.await.expect("worker");
+    eventually(T, "the outbox to drain", || async {
+        (unpublished(&env).await == 0).then_some(())
+    })
+    .await;
+    app.stop().await;
+    env.cleanup().await;
+}
+
+struct Guard<F: FnMut()>(F);
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
+}

@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod jobs;
 pub mod maintenance;
+pub mod notify;
 pub mod orgs;
 pub mod outbox;
 pub mod pool;

@@ -9,6 +9,7 @@ use sqlx::{Connection, PgConnection};
 pub mod keys {
     pub const MAINTENANCE: i64 = 0x4845_5241_4c44_0001;
     pub const RELAY: i64 = 0x4845_5241_4c44_0002;
+    pub const NOTIFY_SCHEDULER: i64 = 0x4845_5241_4c44_0003;
 }
 
 /// Opens a dedicated session for holding a leader lock. The server checks every second

@@ -35,6 +35,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
     pub admin_token: Option<String>,
+    pub allow_private_networks: bool,
     pub heartbeat_interval_s: u64,
     pub ping_wait_max_s: u64,
     pub heartbeat_flush: Duration,
@@ -43,6 +44,10 @@ pub struct ApiSettings {
 /// A readiness check of something outside the process (the broker, say).
 pub type Probe =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// Depths of the broker's queues, for `GET /v1/ops/queues`.
+pub type BrokerQueues =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Vec<serde_json::Value>> + Send>> + Send + Sync>;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -54,6 +59,7 @@ pub struct AppState {
     pub heartbeats: Arc<Heartbeats>,
     pub metrics: Option<PrometheusHandle>,
     pub probes: Arc<Vec<(&'static str, Probe)>>,
+    pub broker_queues: Option<BrokerQueues>,
 }
 
 impl AppState {
@@ -72,6 +78,7 @@ impl AppState {
             heartbeats: Arc::default(),
             metrics,
             probes: Arc::new(probes),
+            broker_queues: None,
         }
     }
 
@@ -105,6 +112,33 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/builds", get(routes::builds::list))
         .route("/v1/builds/{id}", get(routes::builds::get))
         .route("/v1/builds/{id}/cancel", post(routes::builds::cancel))
+        .route(
+            "/v1/pipelines/{slug}/github",
+            put(routes::webhooks::put_github),
+        )
+        .route(
+            "/v1/webhooks",
+            post(routes::webhooks::create).get(routes::webhooks::list),
+        )
+        .route(
+            "/v1/webhooks/{id}",
+            get(routes::webhooks::get).delete(routes::webhooks::delete),
+        )
+        .route(
+            "/v1/webhooks/{id}/deliveries",
+            get(routes::webhooks::deliveries),
+        )
+        .route(
+            "/v1/deliveries/{id}/redeliver",
+            post(routes::webhooks::redeliver),
+        )
+        .route("/v1/ops/notification-types", get(routes::ops::list_types))
+        .route(
+            "/v1/ops/notification-types/{type}",
+            put(routes::ops::put_type),
+        )
+        .route("/v1/ops/queues", get(routes::ops::queues))
+        .route("/v1/ops/dead-letters/replay", post(routes::ops::replay))
         .route("/v1/agents/register", post(routes::agents::register))
         .route("/v1/agent/ping", post(routes::agents::ping))
         .route("/v1/agent/heartbeat", post(routes::agents::heartbeat))

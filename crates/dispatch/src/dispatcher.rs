@@ -65,6 +65,7 @@ pub async fn round(pool: &PgPool, batch_agents: i64) -> Result<usize, StorageErr
         }
     }
     metrics::histogram!("herald_dispatch_round_seconds").record(started.elapsed().as_secs_f64());
+    health::observe(started.elapsed());
     metrics::counter!("herald_jobs_assigned_total").increment(assigned.len() as u64);
     Ok(assigned.len())
 }
@@ -92,5 +93,41 @@ async fn listen(pool: PgPool, wake: Arc<Notify>, cancel: CancellationToken) {
                 Err(_) => break,
             }
         }
+    }
+}
+
+/// The dispatcher's recent round time, for whoever throttles lower-priority work in
+/// this process. An exponentially weighted average; stale after a few seconds.
+pub mod health {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    static EWMA_US: AtomicU64 = AtomicU64::new(0);
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+    fn now_ms() -> u64 {
+        u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub fn observe(d: Duration) {
+        let sample = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let old = EWMA_US.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * 4 + sample) / 5
+        };
+        EWMA_US.store(new, Ordering::Relaxed);
+        LAST_MS.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn recent_round() -> Option<Duration> {
+        let last = LAST_MS.load(Ordering::Relaxed);
+        if last == 0 || now_ms().saturating_sub(last) > 5_000 {
+            return None;
+        }
+        Some(Duration::from_micros(EWMA_US.load(Ordering::Relaxed)))
     }
 }

@@ -53,7 +53,14 @@ pub fn parse_roles(s: Option<&str>) -> anyhow::Result<BTreeSet<Role>> {
 }
 
 pub fn all_roles() -> BTreeSet<Role> {
-    [Role::Api, Role::Relay, Role::Dispatch, Role::Maintenance].into()
+    [
+        Role::Api,
+        Role::Relay,
+        Role::Dispatch,
+        Role::Notify,
+        Role::Maintenance,
+    ]
+    .into()
 }
 
 /// A running Herald: where the API listens, and how to stop it.
@@ -109,9 +116,6 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
 
 /// Starts the roles and returns once the API (if any) is listening.
 pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running> {
-    if roles.contains(&Role::Notify) {
-        bail!("the notify role is not part of this build yet");
-    }
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
     let mut addr = None;
@@ -144,10 +148,12 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             let p = probe_publisher.clone();
             Box::pin(async move { p.ensure_connected().await.map_err(|e| e.to_string()) })
         });
-        let state = AppState::new(
+        let queues_publisher = Arc::new(Publisher::lazy(bus.clone()));
+        let mut state = AppState::new(
             router,
             ApiSettings {
                 admin_token: Some(admin),
+                allow_private_networks: cfg.webhooks.allow_private_networks,
                 heartbeat_interval_s: cfg.agents.heartbeat_interval_s,
                 ping_wait_max_s: cfg.agents.ping_wait_max_s,
                 heartbeat_flush: Duration::from_secs_f64(cfg.agents.heartbeat_flush_s),
@@ -155,6 +161,26 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             crate::telemetry::metrics(),
             vec![("broker", broker)],
         );
+        let names = bus.names();
+        let queue_names = vec![
+            names.dispatch_queue(),
+            names.notify_queue(),
+            names.delivery_queue("webhook"),
+            names.delivery_queue("github_commit_status"),
+            names.dead_letter_queue(),
+        ];
+        state.broker_queues = Some(Arc::new(move || {
+            let p = queues_publisher.clone();
+            let queue_names = queue_names.clone();
+            Box::pin(async move {
+                let mut out = Vec::new();
+                for q in queue_names {
+                    let depth = p.queue_depth(&q).await.ok().map(|(messages, _)| messages);
+                    out.push(serde_json::json!({"name": q, "depth": depth, "oldest_age_s": null}));
+                }
+                out
+            })
+        }));
         tasks.extend(state.spawn_background(&cancel));
         let listen = cfg.listen_addr()?;
         let listener = tokio::net::TcpListener::bind(listen)
@@ -214,6 +240,36 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
                 tracing::error!(error = %e, "propagation consumer failed");
             }
         }));
+    }
+
+    if roles.contains(&Role::Notify) {
+        // Its own pool, capped below dispatch's: notifications can never take
+        // dispatch's connections.
+        let pool = pool(
+            &cfg,
+            &cfg.database.primary_url,
+            cfg.database.notify_pool_max,
+            "herald-notify",
+            false,
+        )?;
+        let dispatch_health: Option<herald_notify::DispatchHealth> =
+            roles.contains(&Role::Dispatch).then(|| {
+                Arc::new(herald_dispatch::dispatcher::health::recent_round)
+                    as herald_notify::DispatchHealth
+            });
+        let notify_tasks = herald_notify::start(
+            herald_notify::NotifyRole {
+                pool,
+                primary_url: cfg.database.primary_url.clone(),
+                bus: bus.clone(),
+                settings: cfg.notify.clone(),
+                allow_private_networks: cfg.webhooks.allow_private_networks,
+                dispatch_health,
+            },
+            cancel.clone(),
+        )
+        .await?;
+        tasks.extend(notify_tasks);
     }
 
     if roles.contains(&Role::Maintenance) {

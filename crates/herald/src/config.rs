@@ -23,6 +23,7 @@ pub struct Config {
     pub relay: RelaySettings,
     pub maintenance: MaintenanceSettings,
     pub webhooks: WebhooksConfig,
+    pub notify: herald_notify::NotifySettings,
     pub log: LogConfig,
 }
 

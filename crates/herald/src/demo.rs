@@ -78,8 +78,14 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     );
     app::migrate(&cfg).await?;
     crate::telemetry::metrics();
-    let roles: std::collections::BTreeSet<Role> =
-        [Role::Api, Role::Relay, Role::Dispatch, Role::Maintenance].into();
+    let roles: std::collections::BTreeSet<Role> = [
+        Role::Api,
+        Role::Relay,
+        Role::Dispatch,
+        Role::Notify,
+        Role::Maintenance,
+    ]
+    .into();
     let running = match app::start(cfg.clone(), roles.clone()).await {
         Ok(r) => r,
         Err(e) if format!("{e:#}").contains("cannot listen") => {

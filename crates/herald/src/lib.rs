@@ -5,4 +5,5 @@
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod ops;
 pub mod telemetry;

@@ -30,6 +30,11 @@ enum Command {
     },
     /// Migrate, start every role, and drive it with in-process agents and builds.
     Demo(herald::demo::DemoArgs),
+    /// Operator commands, through the HTTP API.
+    Ops {
+        #[command(subcommand)]
+        command: herald::ops::OpsCommand,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -78,5 +83,6 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => herald::demo::run(cfg, args).await,
+        Command::Ops { command } => herald::ops::run(&cfg, command).await,
     }
 }

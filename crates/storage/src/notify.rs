@@ -39,7 +39,8 @@ pub struct WebhookView {
     pub pipeline_id: Option<Uuid>,
 }
 
-const WEBHOOK_COLUMNS: &str = "w.id, w.org_id, w.url, w.events, w.pipeline_id, p.slug AS pipeline, \
+const WEBHOOK_COLUMNS: &str =
+    "w.id, w.org_id, w.url, w.events, w.pipeline_id, p.slug AS pipeline, \
      w.disabled_at IS NOT NULL AS disabled, w.disabled_reason, w.created_at, w.secret";
 
 impl FromRow<'_, PgRow> for WebhookView {
@@ -94,7 +95,11 @@ pub async fn create_webhook(
     get_webhook(conn, org_id, id).await
 }
 
-pub async fn get_webhook(conn: &mut PgConnection, org_id: Uuid, id: Uuid) -> Result<WebhookView, StorageError> {
+pub async fn get_webhook(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    id: Uuid,
+) -> Result<WebhookView, StorageError> {
     sqlx::query_as(&format!(
         "SELECT {WEBHOOK_COLUMNS} FROM webhooks w LEFT JOIN pipelines p ON p.id = w.pipeline_id \
          WHERE w.id = $1 AND w.org_id = $2 AND w.deleted_at IS NULL"
@@ -125,7 +130,10 @@ pub async fn list_webhooks(
 }
 
 /// Every live webhook of an org, for the subscription cache.
-pub async fn org_webhooks(conn: &mut PgConnection, org_id: Uuid) -> Result<Vec<WebhookView>, StorageError> {
+pub async fn org_webhooks(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+) -> Result<Vec<WebhookView>, StorageError> {
     Ok(sqlx::query_as(&format!(
         "SELECT {WEBHOOK_COLUMNS} FROM webhooks w LEFT JOIN pipelines p ON p.id = w.pipeline_id \
          WHERE w.org_id = $1 AND w.deleted_at IS NULL"
@@ -136,7 +144,10 @@ pub async fn org_webhooks(conn: &mut PgConnection, org_id: Uuid) -> Result<Vec<W
 }
 
 /// A webhook by id, deleted or not (the sender must see deletions).
-pub async fn webhook_by_id(conn: &mut PgConnection, id: Uuid) -> Result<Option<(WebhookView, bool)>, StorageError> {
+pub async fn webhook_by_id(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<(WebhookView, bool)>, StorageError> {
     let row = sqlx::query(&format!(
         "SELECT {WEBHOOK_COLUMNS}, w.deleted_at IS NOT NULL AS deleted FROM webhooks w \
          LEFT JOIN pipelines p ON p.id = w.pipeline_id WHERE w.id = $1"
@@ -150,7 +161,11 @@ pub async fn webhook_by_id(conn: &mut PgConnection, id: Uuid) -> Result<Option<(
     }
 }
 
-pub async fn delete_webhook(conn: &mut PgConnection, org_id: Uuid, id: Uuid) -> Result<(), StorageError> {
+pub async fn delete_webhook(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    id: Uuid,
+) -> Result<(), StorageError> {
     let n = sqlx::query(
         "UPDATE webhooks SET deleted_at = now(), updated_at = now() \
          WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL",
@@ -168,7 +183,11 @@ pub async fn delete_webhook(conn: &mut PgConnection, org_id: Uuid, id: Uuid) -> 
 }
 
 /// 410 Gone from the receiver: the endpoint is disabled until someone re-creates it.
-pub async fn disable_webhook(conn: &mut PgConnection, id: Uuid, reason: &str) -> Result<(), StorageError> {
+pub async fn disable_webhook(
+    conn: &mut PgConnection,
+    id: Uuid,
+    reason: &str,
+) -> Result<(), StorageError> {
     let org: Option<Uuid> = sqlx::query_scalar(
         "UPDATE webhooks SET disabled_at = now(), disabled_reason = $2, updated_at = now() \
          WHERE id = $1 AND disabled_at IS NULL RETURNING org_id",
@@ -206,12 +225,13 @@ pub async fn put_github(
     token: &str,
     job_statuses: bool,
 ) -> Result<GithubIntegration, StorageError> {
-    let pipeline_id: Uuid = sqlx::query_scalar("SELECT id FROM pipelines WHERE org_id = $1 AND slug = $2")
-        .bind(org_id)
-        .bind(pipeline)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or(StorageError::NotFound("pipeline"))?;
+    let pipeline_id: Uuid =
+        sqlx::query_scalar("SELECT id FROM pipelines WHERE org_id = $1 AND slug = $2")
+            .bind(org_id)
+            .bind(pipeline)
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or(StorageError::NotFound("pipeline"))?;
     sqlx::query(
         "INSERT INTO github_integrations (pipeline_id, org_id, api_url, token, job_statuses) \
          VALUES ($1, $2, $3, $4, $5) \
@@ -231,7 +251,10 @@ pub async fn put_github(
     all.pop().ok_or(StorageError::NotFound("pipeline"))
 }
 
-pub async fn org_github(conn: &mut PgConnection, org_id: Uuid) -> Result<Vec<GithubIntegration>, StorageError> {
+pub async fn org_github(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+) -> Result<Vec<GithubIntegration>, StorageError> {
     let rows = sqlx::query(
         "SELECT g.pipeline_id, p.slug, p.repository, g.api_url, g.token, g.job_statuses, g.updated_at \
          FROM github_integrations g JOIN pipelines p ON p.id = g.pipeline_id WHERE g.org_id = $1",
@@ -271,7 +294,8 @@ pub struct DeliveryView {
     pub updated_at: DateTime<Utc>,
 }
 
-const DELIVERY_COLUMNS: &str = "id, webhook_id, event_id, event_type, status, attempts, last_status_code, \
+const DELIVERY_COLUMNS: &str =
+    "id, webhook_id, event_id, event_type, status, attempts, last_status_code, \
      last_error, next_attempt_at, created_at, updated_at";
 
 impl FromRow<'_, PgRow> for DeliveryView {
@@ -318,16 +342,29 @@ fn work_from(r: &PgRow) -> Result<DeliveryWork, sqlx::Error> {
 /// `held` rows wait in PostgreSQL (their type is paused); `skipped` rows are recorded
 /// and never sent (their type is disabled). Returns the rows that are pending and not
 /// yet attempted, which the caller hands to the broker.
+pub struct NewDeliveries<'a> {
+    pub org_id: Uuid,
+    pub event_id: Uuid,
+    pub event_type: &'a str,
+    pub payload: &'a serde_json::Value,
+    pub webhook_ids: &'a [Uuid],
+    pub status: &'a str,
+    pub held: bool,
+}
+
 pub async fn record_deliveries(
     conn: &mut PgConnection,
-    org_id: Uuid,
-    event_id: Uuid,
-    event_type: &str,
-    payload: &serde_json::Value,
-    webhook_ids: &[Uuid],
-    status: &str,
-    held: bool,
+    new: NewDeliveries<'_>,
 ) -> Result<Vec<DeliveryWork>, StorageError> {
+    let NewDeliveries {
+        org_id,
+        event_id,
+        event_type,
+        payload,
+        webhook_ids,
+        status,
+        held,
+    } = new;
     if webhook_ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -358,11 +395,16 @@ pub async fn record_deliveries(
     Ok(rows.iter().map(work_from).collect::<Result<_, _>>()?)
 }
 
-pub async fn delivery_status(conn: &mut PgConnection, id: Uuid) -> Result<Option<String>, StorageError> {
-    Ok(sqlx::query_scalar("SELECT status FROM deliveries WHERE id = $1")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+pub async fn delivery_status(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<String>, StorageError> {
+    Ok(
+        sqlx::query_scalar("SELECT status FROM deliveries WHERE id = $1")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 pub async fn list_deliveries(
@@ -372,11 +414,12 @@ pub async fn list_deliveries(
     before: Option<Uuid>,
     limit: i64,
 ) -> Result<Vec<DeliveryView>, StorageError> {
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM webhooks WHERE id = $1 AND org_id = $2)")
-        .bind(webhook_id)
-        .bind(org_id)
-        .fetch_one(&mut *conn)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM webhooks WHERE id = $1 AND org_id = $2)")
+            .bind(webhook_id)
+            .bind(org_id)
+            .fetch_one(&mut *conn)
+            .await?;
     if !exists {
         return Err(StorageError::NotFound("webhook"));
     }
@@ -392,7 +435,11 @@ pub async fn list_deliveries(
 }
 
 /// Queues a delivery again, whatever its state: the scheduler hands it to the broker.
-pub async fn redeliver(conn: &mut PgConnection, org_id: Uuid, id: Uuid) -> Result<(), StorageError> {
+pub async fn redeliver(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    id: Uuid,
+) -> Result<(), StorageError> {
     let n = sqlx::query(
         "UPDATE deliveries SET status = 'pending', next_attempt_at = now(), updated_at = now() \
          WHERE id = $1 AND org_id = $2",
@@ -410,7 +457,11 @@ pub async fn redeliver(conn: &mut PgConnection, org_id: Uuid, id: Uuid) -> Resul
 }
 
 /// Dead deliveries (and dead commit statuses) back to pending, oldest first, in one batch.
-pub async fn replay_dead(conn: &mut PgConnection, kind: Option<&str>, limit: i64) -> Result<u64, StorageError> {
+pub async fn replay_dead(
+    conn: &mut PgConnection,
+    kind: Option<&str>,
+    limit: i64,
+) -> Result<u64, StorageError> {
     let mut n = 0;
     if kind.is_none_or(|k| k == "webhook") {
         n += sqlx::query(
@@ -456,7 +507,10 @@ pub struct AttemptRecord {
 }
 
 /// Writes many attempt results in one transaction: the delivery rows and the attempt log.
-pub async fn record_attempts(conn: &mut PgConnection, batch: &[AttemptRecord]) -> Result<(), StorageError> {
+pub async fn record_attempts(
+    conn: &mut PgConnection,
+    batch: &[AttemptRecord],
+) -> Result<(), StorageError> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -492,13 +546,20 @@ pub async fn record_attempts(conn: &mut PgConnection, batch: &[AttemptRecord]) -
     .bind(&errors)
     .bind(&bodies)
     .bind(&durations)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
+    // Wake the scheduler so it sleeps until the earliest of these.
+    if batch.iter().any(|a| a.next_attempt_at.is_some()) {
+        events::notify(conn, channels::DUE, "").await?;
+    }
     Ok(())
 }
 
 /// Deliveries whose time has come (retries, held rows of a resumed type, replays).
-pub async fn due_deliveries(conn: &mut PgConnection, limit: i64) -> Result<Vec<(DeliveryWork, DateTime<Utc>)>, StorageError> {
+pub async fn due_deliveries(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<(DeliveryWork, DateTime<Utc>)>, StorageError> {
     let rows = sqlx::query(
         "SELECT id, webhook_id, event_id, event_type, payload, attempts, next_attempt_at FROM deliveries \
          WHERE next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $1",
@@ -513,7 +574,10 @@ pub async fn due_deliveries(conn: &mut PgConnection, limit: i64) -> Result<Vec<(
 
 /// After the broker confirmed them: the rows are in the broker now. Only rows still
 /// due at the time that was read are changed.
-pub async fn mark_enqueued(conn: &mut PgConnection, rows: &[(Uuid, DateTime<Utc>)]) -> Result<u64, StorageError> {
+pub async fn mark_enqueued(
+    conn: &mut PgConnection,
+    rows: &[(Uuid, DateTime<Utc>)],
+) -> Result<u64, StorageError> {
     let (ids, at): (Vec<Uuid>, Vec<DateTime<Utc>>) = rows.iter().copied().unzip();
     Ok(sqlx::query(
         "UPDATE deliveries d SET next_attempt_at = NULL, status = CASE WHEN d.status = 'failed' THEN 'pending' ELSE d.status END \
@@ -553,18 +617,24 @@ pub struct WantedStatus {
 
 /// Records the newest wanted status. A newer build replaces an older one; within one
 /// build a status only moves forward (pending → final). Returns true when it changed.
-pub async fn want_status(conn: &mut PgConnection, w: &WantedStatus, skip: bool) -> Result<bool, StorageError> {
+pub async fn want_status(
+    conn: &mut PgConnection,
+    w: &WantedStatus,
+    skip: bool,
+    held: bool,
+) -> Result<bool, StorageError> {
     let changed: Option<i64> = sqlx::query_scalar(
         "INSERT INTO commit_statuses AS c (repository, sha, context, org_id, pipeline_id, build_id, state, rank, \
-                                           description, target_url, status, sent_version) \
+                                           description, target_url, status, sent_version, next_attempt_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, CASE WHEN $11 THEN 'skipped' ELSE 'pending' END, \
-                 CASE WHEN $11 THEN 1 ELSE 0 END) \
+                 CASE WHEN $11 THEN 1 ELSE 0 END, CASE WHEN $12 THEN now() END) \
          ON CONFLICT (repository, sha, context) DO UPDATE SET \
              build_id = excluded.build_id, state = excluded.state, rank = excluded.rank, \
              description = excluded.description, target_url = excluded.target_url, \
              version = c.version + 1, \
              sent_version = CASE WHEN $11 THEN c.version + 1 ELSE c.sent_version END, \
-             status = CASE WHEN $11 THEN 'skipped' ELSE 'pending' END, attempts = 0, next_attempt_at = NULL, \
+             status = CASE WHEN $11 THEN 'skipped' ELSE 'pending' END, attempts = 0, \
+             next_attempt_at = CASE WHEN $12 THEN now() END, \
              updated_at = now() \
          WHERE (excluded.build_id > c.build_id OR (excluded.build_id = c.build_id AND excluded.rank > c.rank)) \
            AND (c.state, c.description) IS DISTINCT FROM (excluded.state, excluded.description) \
@@ -581,6 +651,7 @@ pub async fn want_status(conn: &mut PgConnection, w: &WantedStatus, skip: bool) 
     .bind(&w.description)
     .bind(&w.target_url)
     .bind(skip)
+    .bind(held)
     .fetch_optional(conn)
     .await?;
     Ok(changed.is_some())
@@ -601,7 +672,12 @@ pub struct StatusWork {
     pub token: String,
 }
 
-pub async fn status_work(conn: &mut PgConnection, repository: &str, sha: &str, context: &str) -> Result<Option<StatusWork>, StorageError> {
+pub async fn status_work(
+    conn: &mut PgConnection,
+    repository: &str,
+    sha: &str,
+    context: &str,
+) -> Result<Option<StatusWork>, StorageError> {
     let r = sqlx::query(
         "SELECT c.repository, c.sha, c.context, c.state, c.description, c.target_url, c.version, c.sent_version, \
                 c.attempts, g.api_url, g.token \
@@ -631,16 +707,31 @@ pub async fn status_work(conn: &mut PgConnection, repository: &str, sha: &str, c
 
 /// Records the outcome of sending `version`. `sent` marks it delivered; otherwise the
 /// row waits until `next_attempt_at` (or is dead/skipped).
+#[derive(Debug, Clone, Default)]
+pub struct StatusResult<'a> {
+    pub status: &'a str,
+    /// GitHub has this version now.
+    pub sent: bool,
+    /// An HTTP attempt was made.
+    pub attempted: bool,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub code: Option<i32>,
+    pub error: Option<&'a str>,
+}
+
 pub async fn status_result(
     conn: &mut PgConnection,
     w: &StatusWork,
-    status: &str,
-    sent: bool,
-    attempted: bool,
-    next_attempt_at: Option<DateTime<Utc>>,
-    code: Option<i32>,
-    error: Option<&str>,
+    r: StatusResult<'_>,
 ) -> Result<(), StorageError> {
+    let StatusResult {
+        status,
+        sent,
+        attempted,
+        next_attempt_at,
+        code,
+        error,
+    } = r;
     sqlx::query(
         "UPDATE commit_statuses SET \
              sent_version = CASE WHEN $5 THEN greatest(sent_version, $4) ELSE sent_version END, \
@@ -659,12 +750,18 @@ pub async fn status_result(
     .bind(next_attempt_at)
     .bind(code)
     .bind(error)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
+    if next_attempt_at.is_some() {
+        events::notify(conn, channels::DUE, "").await?;
+    }
     Ok(())
 }
 
-pub async fn due_statuses(conn: &mut PgConnection, limit: i64) -> Result<Vec<(String, String, String, DateTime<Utc>)>, StorageError> {
+pub async fn due_statuses(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<(String, String, String, DateTime<Utc>)>, StorageError> {
     let rows = sqlx::query(
         "SELECT repository, sha, context, next_attempt_at FROM commit_statuses \
          WHERE next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $1",
@@ -673,11 +770,21 @@ pub async fn due_statuses(conn: &mut PgConnection, limit: i64) -> Result<Vec<(St
     .fetch_all(conn)
     .await?;
     rows.iter()
-        .map(|r| Ok((r.try_get("repository")?, r.try_get("sha")?, r.try_get("context")?, r.try_get("next_attempt_at")?)))
+        .map(|r| {
+            Ok((
+                r.try_get("repository")?,
+                r.try_get("sha")?,
+                r.try_get("context")?,
+                r.try_get("next_attempt_at")?,
+            ))
+        })
         .collect()
 }
 
-pub async fn mark_statuses_enqueued(conn: &mut PgConnection, rows: &[(String, String, String, DateTime<Utc>)]) -> Result<(), StorageError> {
+pub async fn mark_statuses_enqueued(
+    conn: &mut PgConnection,
+    rows: &[(String, String, String, DateTime<Utc>)],
+) -> Result<(), StorageError> {
     let repos: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
     let shas: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
     let ctxs: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
@@ -709,7 +816,9 @@ pub struct NotificationType {
     pub reason: String,
 }
 
-pub async fn notification_types(conn: &mut PgConnection) -> Result<Vec<NotificationType>, StorageError> {
+pub async fn notification_types(
+    conn: &mut PgConnection,
+) -> Result<Vec<NotificationType>, StorageError> {
     let rows = sqlx::query("SELECT type, mode, rate_per_s, burst, updated_at, reason FROM notification_types ORDER BY type DESC")
         .fetch_all(conn)
         .await?;
@@ -814,7 +923,11 @@ pub async fn queue_stats(conn: &mut PgConnection) -> Result<Vec<QueueStat>, Stor
 }
 
 /// Expires old attempt logs and finished deliveries in small batches.
-pub async fn expire_history(conn: &mut PgConnection, retention_s: f64, batch: i64) -> Result<u64, StorageError> {
+pub async fn expire_history(
+    conn: &mut PgConnection,
+    retention_s: f64,
+    batch: i64,
+) -> Result<u64, StorageError> {
     let a = sqlx::query(
         "DELETE FROM delivery_attempts WHERE id IN (SELECT id FROM delivery_attempts \
          WHERE attempted_at < now() - make_interval(secs => $1) ORDER BY attempted_at LIMIT $2 FOR UPDATE SKIP LOCKED)",

@@ -1,7 +1,9 @@
 pub mod agents;
 pub mod builds;
 pub mod health;
+pub mod ops;
 pub mod orgs;
+pub mod webhooks;
 
 use crate::error::ApiError;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

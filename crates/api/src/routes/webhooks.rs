@@ -1,0 +1,205 @@
+use super::{list_response, page};
+use crate::error::ApiError;
+use crate::extract::{parse_id, ApiJson, Org};
+use crate::AppState;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use herald_domain::valid_pattern;
+use herald_storage::notify as store;
+use herald_storage::StorageError;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhook {
+    url: String,
+    events: Vec<String>,
+    #[serde(default)]
+    pipeline: Option<String>,
+}
+
+fn view(w: &store::WebhookView) -> Value {
+    json!({
+        "id": w.id,
+        "url": w.url,
+        "events": w.events,
+        "pipeline": w.pipeline,
+        "disabled": w.disabled,
+        "disabled_reason": w.disabled_reason,
+        "created_at": w.created_at,
+    })
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Org(org): Org,
+    ApiJson(body): ApiJson<CreateWebhook>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if body.events.is_empty() || body.events.len() > 50 {
+        return Err(ApiError::invalid(
+            "events: list 1 to 50 event types or `prefix.*` patterns",
+        ));
+    }
+    if let Some(bad) = body.events.iter().find(|e| !valid_pattern(e)) {
+        return Err(ApiError::invalid(format!(
+            "events: `{bad}` is not an event type or a `prefix.*` pattern"
+        )));
+    }
+    // The SSRF guard: refused here, and again at connect time.
+    let url = herald_notify::webhook::check_url(&body.url, state.settings.allow_private_networks)
+        .await
+        .map_err(|e| ApiError::Unprocessable("invalid_url", e.to_string()))?;
+    let secret = herald_notify::webhook::generate_secret();
+    let mut tx = state.router.primary().begin().await?;
+    let hook = store::create_webhook(
+        &mut tx,
+        org,
+        url.as_str(),
+        &body.events,
+        body.pipeline.as_deref(),
+        &secret,
+    )
+    .await
+    .map_err(|e| match e {
+        StorageError::NotFound(_) => ApiError::invalid("pipeline: no such pipeline"),
+        other => other.into(),
+    })?;
+    tx.commit().await?;
+    state.router.note_write().await;
+    let mut v = view(&hook);
+    v["secret"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let p = page(&q)?;
+    let mut conn = state.router.primary().acquire().await?;
+    let rows = store::list_webhooks(&mut conn, org, p.before, p.limit).await?;
+    let rows: Vec<Value> = rows.iter().map(view).collect();
+    Ok(Json(list_response(rows, p.limit, |v| {
+        v["id"]
+            .as_str()
+            .and_then(|s| uuid::Uuid::parse_str(s).ok())
+            .unwrap_or_default()
+    })))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id, "webhook")?;
+    let mut conn = state.router.primary().acquire().await?;
+    Ok(Json(view(&store::get_webhook(&mut conn, org, id).await?)))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id, "webhook")?;
+    let mut tx = state.router.primary().begin().await?;
+    store::delete_webhook(&mut tx, org, id).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn deliveries(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id, "webhook")?;
+    let p = page(&q)?;
+    let reader = state.router.reader().await;
+    let rows = match reader.pool.acquire().await {
+        Ok(mut conn) => store::list_deliveries(&mut conn, org, id, p.before, p.limit).await,
+        Err(e) => Err(e.into()),
+    };
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) if reader.is_replica => {
+            if !matches!(e, StorageError::NotFound(_)) {
+                state.router.replica_failed();
+            }
+            let mut conn = state.router.primary().acquire().await?;
+            store::list_deliveries(&mut conn, org, id, p.before, p.limit).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Json(list_response(rows, p.limit, |d| d.id)))
+}
+
+pub async fn redeliver(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = parse_id(&id, "delivery")?;
+    let mut tx = state.router.primary().begin().await?;
+    store::redeliver(&mut tx, org, id).await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "status": "pending"})),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutGithub {
+    #[serde(default = "default_api_url")]
+    api_url: String,
+    token: String,
+    #[serde(default)]
+    job_statuses: bool,
+}
+
+fn default_api_url() -> String {
+    "https://api.github.com".into()
+}
+
+pub async fn put_github(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Path(slug): Path<String>,
+    ApiJson(body): ApiJson<PutGithub>,
+) -> Result<Json<store::GithubIntegration>, ApiError> {
+    let url = reqwest_like_parse(&body.api_url)?;
+    if body.token.trim().is_empty() || body.token.len() > 1024 {
+        return Err(ApiError::invalid("token: must be 1-1024 characters"));
+    }
+    let mut tx = state.router.primary().begin().await?;
+    let g = store::put_github(
+        &mut tx,
+        org,
+        &slug,
+        &url,
+        body.token.trim(),
+        body.job_statuses,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(g))
+}
+
+fn reqwest_like_parse(s: &str) -> Result<String, ApiError> {
+    let ok = (s.starts_with("https://") || s.starts_with("http://"))
+        && s.len() <= 2048
+        && !s.contains(char::is_whitespace);
+    if ok {
+        Ok(s.trim_end_matches('/').to_owned())
+    } else {
+        Err(ApiError::invalid("api_url: must be an http(s) URL"))
+    }
+}

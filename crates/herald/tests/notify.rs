@@ -1,0 +1,795 @@
+//! Notifications end to end: real receivers and a fake GitHub, each an HTTP server on
+//! port 0 in this test, against the real PostgreSQL and RabbitMQ.
+
+mod common;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::Router;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use common::*;
+use herald_client::{Client, Method};
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug)]
+struct Received {
+    id: String,
+    body: Value,
+    signature_ok: bool,
+}
+
+type Reply = (u16, Vec<(&'static str, String)>);
+type Answer = dyn Fn(&str, usize) -> Reply + Send + Sync;
+
+/// A receiver that verifies every signature itself, with the secret it is given.
+#[derive(Clone)]
+struct Receiver {
+    secret: Arc<Mutex<String>>,
+    got: Arc<Mutex<Vec<Received>>>,
+    /// How to answer: (status, extra headers) by how many times this webhook-id was seen.
+    answer: Arc<Answer>,
+    delay: Duration,
+}
+
+fn verify(secret: &str, id: &str, ts: &str, body: &[u8], sig: &str) -> bool {
+    let Some(key) = secret
+        .strip_prefix("whsec_")
+        .and_then(|k| STANDARD.decode(k).ok())
+    else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&key) else {
+        return false;
+    };
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(body);
+    let expected = format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()));
+    sig.split(' ').any(|s| s == expected)
+}
+
+async fn receive(
+    State(r): State<Receiver>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> impl IntoResponse {
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let (id, ts, sig) = (
+        h("webhook-id"),
+        h("webhook-timestamp"),
+        h("webhook-signature"),
+    );
+    let secret = r.secret.lock().map(|s| s.clone()).unwrap_or_default();
+    let ok = verify(&secret, &id, &ts, &body, &sig) && h("content-type") == "application/json";
+    let seen = {
+        let mut got = r.got.lock().expect("lock");
+        got.push(Received {
+            id: id.clone(),
+            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            signature_ok: ok,
+        });
+        got.iter().filter(|g| g.id == id).count()
+    };
+    if !r.delay.is_zero() {
+        tokio::time::sleep(r.delay).await;
+    }
+    let (status, extra) = (r.answer)(&id, seen);
+    let mut res = (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), "ok").into_response();
+    for (k, v) in extra {
+        if let Ok(v) = v.parse() {
+            res.headers_mut().insert(k, v);
+        }
+    }
+    res
+}
+
+async fn spawn_receiver(
+    answer: impl Fn(&str, usize) -> (u16, Vec<(&'static str, String)>) + Send + Sync + 'static,
+    delay: Duration,
+) -> (String, Receiver) {
+    let r = Receiver {
+        secret: Arc::default(),
+        got: Arc::default(),
+        answer: Arc::new(answer),
+        delay,
+    };
+    let app = Router::new()
+        .route("/hook", post(receive))
+        .with_state(r.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}/hook"), r)
+}
+
+fn ok_always(_: &str, _: usize) -> (u16, Vec<(&'static str, String)>) {
+    (200, vec![])
+}
+
+const PRIVATE_OK: (&str, &str) = ("HERALD_WEBHOOKS__ALLOW_PRIVATE_NETWORKS", "true");
+const FAST_RETRY: (&str, &str) = ("HERALD_NOTIFY__RETRY_SCALE", "0.01");
+
+async fn webhook(api: &Client, url: &str, events: Value, r: &Receiver) -> Value {
+    let (s, w) = call(
+        api,
+        Method::POST,
+        "/v1/webhooks",
+        Some(json!({"url": url, "events": events})),
+    )
+    .await;
+    assert_eq!(s, 201, "{w}");
+    let secret = w["secret"].as_str().expect("secret").to_owned();
+    assert!(secret.starts_with("whsec_"));
+    *r.secret.lock().expect("lock") = secret;
+    w
+}
+
+/// Runs every job of a build with one agent, passing them.
+async fn run_build(api: &Client, agent: &Client, jobs: Value) -> Value {
+    let b = api
+        .create_build("web", &build_body(jobs))
+        .await
+        .expect("create");
+    let id = b["id"].as_str().expect("id").to_owned();
+    let deadline = Instant::now() + T;
+    loop {
+        let s = build_state(api, &id).await;
+        if matches!(s["state"].as_str(), Some("passed" | "failed" | "canceled")) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "build did not finish");
+        if let Ok(Some(job)) = agent.ping(1).await {
+            agent
+                .run_job(job.id, 0, Duration::ZERO)
+                .await
+                .expect("run job");
+        }
+    }
+}
+
+async fn deliveries(api: &Client, hook: &Value) -> Vec<Value> {
+    let (s, d) = call(
+        api,
+        Method::GET,
+        &format!(
+            "/v1/webhooks/{}/deliveries?limit=500",
+            hook["id"].as_str().unwrap_or("")
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{d}");
+    d["items"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signed_webhooks_reach_a_verifying_receiver() {
+    let env = TestEnv::new().await;
+    let mut app = env
+        .start("api,relay,dispatch,notify,maintenance", &[PRIVATE_OK])
+        .await;
+    let (api, reg) = org(&app, "acme").await;
+    let (agent, _) = agent(&app, &reg, "ci-1").await;
+    let (url, r) = spawn_receiver(ok_always, Duration::ZERO).await;
+    let hook = webhook(&api, &url, json!(["build.finished", "job.*"]), &r).await;
+    assert_eq!(hook["events"], json!(["build.finished", "job.*"]));
+    let (s, listed) = call(&api, Method::GET, "/v1/webhooks", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(listed["items"][0]["id"], hook["id"]);
+    assert!(
+        listed["items"][0].get("secret").is_none(),
+        "the secret is shown once"
+    );
+
+    run_build(
+        &api,
+        &agent,
+        json!([{"key": "a"}, {"key": "b", "depends_on": ["a"]}]),
+    )
+    .await;
+    // 2 jobs × (scheduled, assigned, started, finished) + build.finished.
+    let got = eventually(T, "9 deliveries", || async {
+        let g = r.got.lock().map(|g| g.clone()).unwrap_or_default();
+        (g.len() >= 9).then_some(g)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got_now = r.got.lock().map(|g| g.clone()).unwrap_or_default();
+    assert_eq!(got_now.len(), 9, "exactly the subscribed events, once each");
+    assert!(
+        got.iter().all(|g| g.signature_ok),
+        "every signature verifies"
+    );
+    let ids: HashSet<&str> = got.iter().map(|g| g.id.as_str()).collect();
+    assert_eq!(ids.len(), 9, "one webhook-id per event × endpoint");
+    let types: Vec<&str> = got.iter().filter_map(|g| g.body["type"].as_str()).collect();
+    assert!(types.contains(&"build.finished"));
+    assert!(!types.contains(&"build.scheduled"), "not subscribed");
+    let finished = got
+        .iter()
+        .find(|g| g.body["type"] == "build.finished")
+        .expect("build.finished");
+    assert_eq!(finished.body["data"]["build"]["state"], "passed");
+    assert!(finished.body["timestamp"].is_string());
+    let job_event = got
+        .iter()
+        .find(|g| g.body["type"] == "job.finished")
+        .expect("job.finished");
+    assert!(job_event.body["data"]["job"]["id"].is_string());
+    assert!(job_event.body["data"]["build"]["id"].is_string());
+
+    let list = eventually(T, "deliveries recorded as succeeded", || async {
+        let d = deliveries(&api, &hook).await;
+        (d.len() == 9 && d.iter().all(|d| d["status"] == "succeeded")).then_some(d)
+    })
+    .await;
+    assert!(list
+        .iter()
+        .all(|d| d["attempts"] == 1 && d["last_status_code"] == 200));
+
+    // Redeliver one: the same webhook-id again.
+    let one = list[0]["id"].as_str().expect("id").to_owned();
+    let (s, _) = call(
+        &api,
+        Method::POST,
+        &format!("/v1/deliveries/{one}/redeliver"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 202);
+    eventually(T, "the redelivery", || async {
+        let g = r.got.lock().map(|g| g.clone()).unwrap_or_default();
+        (g.len() == 10).then_some(())
+    })
+    .await;
+    let g = r.got.lock().map(|g| g.clone()).unwrap_or_default();
+    assert_eq!(g[9].id, one);
+    assert!(g[9].signature_ok);
+
+    let hook_id = hook["id"].as_str().expect("id");
+    let (s, _) = call(
+        &api,
+        Method::DELETE,
+        &format!("/v1/webhooks/{hook_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 204);
+    assert_eq!(
+        call(&api, Method::GET, &format!("/v1/webhooks/{hook_id}"), None)
+            .await
+            .0,
+        404
+    );
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_receiver_is_retried_with_one_webhook_id_and_410_disables_it() {
+    let env = TestEnv::new().await;
+    let mut app = env
+        .start(
+            "api,relay,dispatch,notify,maintenance",
+            &[PRIVATE_OK, FAST_RETRY],
+        )
+        .await;
+    let (api, reg) = org(&app, "acme").await;
+    let (agent, _) = agent(&app, &reg, "ci-1").await;
+    // Fails twice per delivery (a 500, then a 503 with Retry-After), then recovers.
+    let (url, r) = spawn_receiver(
+        |_, seen| match seen {
+            1 => (500, vec![]),
+            2 => (503, vec![("retry-after", "1".to_owned())]),
+            _ => (200, vec![]),
+        },
+        Duration::ZERO,
+    )
+    .await;
+    let hook = webhook(&api, &url, json!(["build.finished"]), &r).await;
+    run_build(&api, &agent, json!([{"key": "a"}])).await;
+    let d = eventually(T, "the delivery to succeed", || async {
+        let d = deliveries(&api, &hook).await;
+        (d.len() == 1 && d[0]["status"] == "succeeded").then(|| d[0].clone())
+    })
+    .await;
+    assert_eq!(d["attempts"], 3);
+    let got = r.got.lock().map(|g| g.clone()).unwrap_or_default();
+    assert_eq!(got.len(), 3);
+    assert!(
+        got.iter().all(|g| g.id == got[0].id),
+        "every retry keeps the webhook-id"
+    );
+    assert!(got.iter().all(|g| g.signature_ok));
+    let attempts: i64 = env.count("SELECT count(*) FROM delivery_attempts").await;
+    assert_eq!(attempts, 3, "each attempt is logged");
+
+    // 410 Gone disables the endpoint.
+    let (gone_url, gone) = spawn_receiver(|_, _| (410, vec![]), Duration::ZERO).await;
+    let gone_hook = webhook(&api, &gone_url, json!(["build.finished"]), &gone).await;
+    run_build(&api, &agent, json!([{"key": "a"}])).await;
+    let id = gone_hook["id"].as_str().expect("id").to_owned();
+    eventually(T, "the endpoint to be disabled", || async {
+        let (_, w) = call(&api, Method::GET, &format!("/v1/webhooks/{id}"), None).await;
+        (w["disabled"] == true).then_some(())
+    })
+    .await;
+    run_build(&api, &agent, json!([{"key": "a"}])).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        gone.got.lock().map(|g| g.len()).unwrap_or(0),
+        1,
+        "a disabled endpoint gets nothing more"
+    );
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhooks_to_private_addresses_are_refused() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api", &[]).await;
+    let (api, _) = org(&app, "acme").await;
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://localhost/hook",
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/hook",
+        "ftp://example.com/hook",
+        "not a url",
+    ] {
+        let (s, body) = call(
+            &api,
+            Method::POST,
+            "/v1/webhooks",
+            Some(json!({"url": url, "events": ["build.finished"]})),
+        )
+        .await;
+        assert_eq!(s, 422, "{url}: {body}");
+    }
+    let (s, _) = call(
+        &api,
+        Method::POST,
+        "/v1/webhooks",
+        Some(json!({"url": "https://example.com/x", "events": ["nope"]})),
+    )
+    .await;
+    assert_eq!(s, 422);
+    assert_eq!(env.count("SELECT count(*) FROM webhooks").await, 0);
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pause_holds_everything_resume_delivers_it_and_disable_skips() {
+    let env = TestEnv::new().await;
+    let mut app = env
+        .start("api,relay,dispatch,notify,maintenance", &[PRIVATE_OK])
+        .await;
+    let (api, reg) = org(&app, "acme").await;
+    let (agent, _) = agent(&app, &reg, "ci-1").await;
+    let (url, r) = spawn_receiver(ok_always, Duration::ZERO).await;
+    let hook = webhook(&api, &url, json!(["build.*"]), &r).await;
+
+    let (s, t) = call(
+        &app.admin,
+        Method::PUT,
+        "/v1/ops/notification-types/webhook",
+        Some(json!({"mode": "paused", "reason": "receiver maintenance"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(t["mode"], "paused");
+    assert_eq!(t["reason"], "receiver maintenance");
+    tokio::time::sleep(Duration::from_millis(1000)).await; // the contract's "within 1 s"
+    for _ in 0..3 {
+        run_build(&api, &agent, json!([{"key": "a"}])).await;
+    }
+    // 3 × (scheduled, running, finished), all held.
+    eventually(T, "9 held deliveries", || async {
+        let d = deliveries(&api, &hook).await;
+        (d.len() == 9).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        r.got.lock().map(|g| g.len()).unwrap_or(0),
+        0,
+        "paused: nothing is sent"
+    );
+    assert!(deliveries(&api, &hook)
+        .await
+        .iter()
+        .all(|d| d["status"] == "pending"));
+
+    let (s, _) = call(
+        &app.admin,
+        Method::PUT,
+        "/v1/ops/notification-types/webhook",
+        Some(json!({"mode": "enabled", "reason": "back"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    eventually(T, "all 9 delivered after resume", || async {
+        (r.got.lock().map(|g| g.len()).unwrap_or(0) == 9).then_some(())
+    })
+    .await;
+
+    let (s, _) = call(
+        &app.admin,
+        Method::PUT,
+        "/v1/ops/notification-types/webhook",
+        Some(json!({"mode": "disabled", "reason": "storm"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    run_build(&api, &agent, json!([{"key": "a"}])).await;
+    eventually(T, "3 skipped deliveries", || async {
+        let d = deliveries(&api, &hook).await;
+        (d.iter().filter(|d| d["status"] == "skipped").count() == 3).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        r.got.lock().map(|g| g.len()).unwrap_or(0),
+        9,
+        "disabled: skipped, never sent"
+    );
+
+    // The audit trail and the list.
+    let (_, types) = call(&app.admin, Method::GET, "/v1/ops/notification-types", None).await;
+    let items = types["items"].as_array().expect("items");
+    assert_eq!(items.len(), 2);
+    assert!(items
+        .iter()
+        .any(|t| t["type"] == "webhook" && t["mode"] == "disabled"));
+    assert!(items
+        .iter()
+        .any(|t| t["type"] == "github_commit_status" && t["mode"] == "enabled"));
+    assert_eq!(
+        env.count("SELECT count(*) FROM notification_type_changes WHERE type = 'webhook'")
+            .await,
+        3
+    );
+    assert_eq!(
+        call(
+            &app.admin,
+            Method::PUT,
+            "/v1/ops/notification-types/sms",
+            Some(json!({"mode": "paused", "reason": "x"}))
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        call(
+            &app.admin,
+            Method::PUT,
+            "/v1/ops/notification-types/webhook",
+            Some(json!({"mode": "off", "reason": "x"}))
+        )
+        .await
+        .0,
+        422
+    );
+    assert_eq!(
+        call(
+            &app.admin,
+            Method::PUT,
+            "/v1/ops/notification-types/webhook",
+            Some(json!({"mode": "enabled", "reason": "x", "rate_per_s": -1}))
+        )
+        .await
+        .0,
+        422
+    );
+    assert_eq!(
+        call(&api, Method::GET, "/v1/ops/notification-types", None)
+            .await
+            .0,
+        403
+    );
+    let (s, q) = call(&app.admin, Method::GET, "/v1/ops/queues", None).await;
+    assert_eq!(s, 200);
+    assert!(q["items"]
+        .as_array()
+        .is_some_and(|i| i.iter().any(|q| q["name"] == "jobs.runnable")));
+    let (s, replay) = call(
+        &app.admin,
+        Method::POST,
+        "/v1/ops/dead-letters/replay",
+        Some(json!({"type": "webhook", "limit": 10})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(replay["replayed"], 0);
+
+    // The CLI drives the same API.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "ops",
+            "notifications",
+            "pause",
+            "github_commit_status",
+            "--reason",
+            "from the cli",
+            "--url",
+            app.client.base(),
+            "--token",
+            &env.admin_token,
+        ])
+        .output()
+        .expect("herald ops");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, types) = call(&app.admin, Method::GET, "/v1/ops/notification-types", None).await;
+    assert!(types["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .any(|t| t["type"] == "github_commit_status"
+            && t["mode"] == "paused"
+            && t["reason"] == "from the cli"));
+    app.stop().await;
+    env.cleanup().await;
+}
+
+/// A fake GitHub: records statuses, and allows `limit` requests per window, answering
+/// 403 with Retry-After beyond that.
+#[derive(Clone, Default)]
+struct FakeGithub {
+    statuses: Arc<Mutex<Vec<(String, Value)>>>,
+    window: Arc<Mutex<(Option<Instant>, u32)>>,
+    rejected: Arc<Mutex<u32>>,
+}
+
+const GH_LIMIT: u32 = 5;
+const GH_WINDOW: Duration = Duration::from_secs(2);
+
+async fn github_status(
+    State(g): State<FakeGithub>,
+    axum::extract::Path((owner, repo, sha)): axum::extract::Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> impl IntoResponse {
+    let ok_headers = headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some("Bearer ghp_test")
+        && headers.get("accept").and_then(|v| v.to_str().ok())
+            == Some("application/vnd.github+json")
+        && headers
+            .get("x-github-api-version")
+            .and_then(|v| v.to_str().ok())
+            == Some("2022-11-28")
+        && headers.contains_key("user-agent");
+    if !ok_headers {
+        return (StatusCode::UNAUTHORIZED, vec![]).into_response();
+    }
+    {
+        let mut w = g.window.lock().expect("lock");
+        let now = Instant::now();
+        if w.0
+            .is_none_or(|start| now.duration_since(start) >= GH_WINDOW)
+        {
+            *w = (Some(now), 0);
+        }
+        if w.1 >= GH_LIMIT {
+            *g.rejected.lock().expect("lock") += 1;
+            let left = GH_WINDOW
+                .saturating_sub(now.duration_since(w.0.unwrap_or(now)))
+                .as_secs()
+                .max(1);
+            return (
+                StatusCode::FORBIDDEN,
+                [("retry-after", left.to_string())],
+                "rate limited",
+            )
+                .into_response();
+        }
+        w.1 += 1;
+    }
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    g.statuses
+        .lock()
+        .expect("lock")
+        .push((format!("{owner}/{repo}@{sha}"), v));
+    (StatusCode::CREATED, "{}").into_response()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commit_statuses_coalesce_respect_rate_limits_and_never_regress() {
+    let env = TestEnv::new().await;
+    let mut app = env
+        .start(
+            "api,relay,dispatch,notify,maintenance",
+            &[
+                PRIVATE_OK,
+                ("HERALD_NOTIFY__GITHUB_PER_TOKEN_PER_MINUTE", "6000"),
+            ],
+        )
+        .await;
+    let (api, reg) = org(&app, "acme").await;
+    let (agent, _) = agent(&app, &reg, "ci-1").await;
+    let gh = FakeGithub::default();
+    let router = Router::new()
+        .route("/repos/{owner}/{repo}/statuses/{sha}", post(github_status))
+        .with_state(gh.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    let (s, g) = call(&api, Method::PUT, "/v1/pipelines/web/github", Some(json!({"api_url": format!("http://{addr}"), "token": "ghp_test", "job_statuses": false}))).await;
+    assert_eq!(s, 200, "{g}");
+    assert!(g.get("token").is_none());
+
+    // 50 builds on one commit, each scheduled then canceled: 100 transitions, fast.
+    let mut last = String::new();
+    for _ in 0..50 {
+        let b = api
+            .create_build("web", &build_body(json!([{"key": "a"}])))
+            .await
+            .expect("create");
+        last = b["id"].as_str().expect("id").to_owned();
+        let (s, _) = call(
+            &api,
+            Method::POST,
+            &format!("/v1/builds/{last}/cancel"),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    // Then one that runs and passes: the final status is its success.
+    let passed = run_build(&api, &agent, json!([{"key": "a"}])).await;
+    let passed_id = passed["id"].as_str().expect("id").to_owned();
+    let statuses = eventually(T, "the final success", || async {
+        let s = gh.statuses.lock().map(|s| s.clone()).unwrap_or_default();
+        s.last()
+            .filter(|(_, v)| {
+                v["state"] == "success"
+                    && v["target_url"]
+                        .as_str()
+                        .is_some_and(|u| u.ends_with(&passed_id))
+            })
+            .map(|_| s.clone())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let statuses_now = gh.statuses.lock().map(|s| s.clone()).unwrap_or_default();
+    assert_eq!(
+        statuses_now.len(),
+        statuses.len(),
+        "nothing after the final status"
+    );
+    let rejected = *gh.rejected.lock().expect("lock");
+    eprintln!(
+        "github: {} statuses sent for 102+ transitions, {} rejected by the rate limit",
+        statuses.len(),
+        rejected
+    );
+    assert!(
+        statuses.len() < 40,
+        "coalescing: far fewer requests than transitions ({})",
+        statuses.len()
+    );
+    assert!(
+        rejected > 0 || statuses.len() <= GH_LIMIT as usize,
+        "the fake limit was exercised"
+    );
+    for (repo, v) in &statuses {
+        assert_eq!(repo, &format!("acme/web@{SHA}"));
+        assert_eq!(v["context"], "herald/web");
+        assert!(v["description"]
+            .as_str()
+            .is_some_and(|d| d.chars().count() <= 140));
+        assert!(
+            ["pending", "success", "failure", "error"].contains(&v["state"].as_str().unwrap_or(""))
+        );
+    }
+    // Never back: once a build's status is final, no pending follows for that build.
+    let mut finals: HashSet<String> = HashSet::new();
+    let mut order: HashMap<String, usize> = HashMap::new();
+    for (i, (_, v)) in statuses.iter().enumerate() {
+        let url = v["target_url"].as_str().unwrap_or("").to_owned();
+        if v["state"] == "pending" {
+            assert!(
+                !finals.contains(&url),
+                "pending after a final status for {url}"
+            );
+        } else {
+            finals.insert(url.clone());
+        }
+        order.insert(url, i);
+    }
+    let _ = last;
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_notify_worker_mid_batch_loses_no_delivery() {
+    let env = TestEnv::new().await;
+    let mut app = env
+        .start("api,relay,dispatch,maintenance", &[PRIVATE_OK])
+        .await;
+    let (api, reg) = org(&app, "acme").await;
+    let (url, r) = spawn_receiver(ok_always, Duration::from_millis(20)).await;
+    let hook = webhook(&api, &url, json!(["job.*", "build.*"]), &r).await;
+    let (agent, _) = agent(&app, &reg, "ci-1").await;
+    let _ = agent;
+    let mut notify = env.spawn("notify", &[PRIVATE_OK]);
+    for _ in 0..20 {
+        api.create_build(
+            "web",
+            &build_body(json!([{"key": "a"}, {"key": "b"}, {"key": "c"}])),
+        )
+        .await
+        .expect("create");
+    }
+    eventually(T, "some deliveries", || async {
+        (r.got.lock().map(|g| g.len()).unwrap_or(0) > 5).then_some(())
+    })
+    .await;
+    kill9(&mut notify);
+    let mut notify = env.spawn("notify", &[PRIVATE_OK]);
+    // Every event the hook subscribes to has exactly one delivery, and each succeeds.
+    let expected = env
+        .count("SELECT count(*) FROM outbox WHERE event_type LIKE 'job.%' OR event_type LIKE 'build.%'")
+        .await;
+    let d = eventually(T, "every delivery to succeed", || async {
+        let n = env
+            .count("SELECT count(*) FROM deliveries WHERE status = 'succeeded'")
+            .await;
+        (n == expected).then_some(n)
+    })
+    .await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM deliveries").await,
+        d,
+        "exactly once per event × endpoint"
+    );
+    let ids: HashSet<String> = r
+        .got
+        .lock()
+        .map(|g| g.iter().map(|x| x.id.clone()).collect())
+        .unwrap_or_default();
+    let rows: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM deliveries")
+        .fetch_all(&env.pool)
+        .await
+        .expect("ids");
+    assert!(
+        rows.iter().all(|id| ids.contains(&id.to_string())),
+        "every delivery reached the receiver"
+    );
+    let _ = hook;
+    kill9(&mut notify);
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -1,0 +1,378 @@
+//! The per-type senders. Each consumes its own queue with its own prefetch and its own
+//! concurrency (adjusted at runtime by the throttle), waits for the type's and the
+//! destination's rate limits, makes one HTTP attempt outside any transaction, and
+//! hands the result to a batch writer before acking.
+
+use crate::commit_status::GithubOutcome;
+use crate::controls::Mode;
+use crate::webhook::{self, Outcome as HttpOutcome};
+use crate::{DeliveryMsg, Notifier, StatusMsg};
+use chrono::Utc;
+use herald_bus::{Incoming, Outcome};
+use herald_storage::notify::{self as store, AttemptRecord, StatusResult};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+type Pending = (AttemptRecord, oneshot::Sender<bool>);
+
+/// Writes attempt results in batches: one transaction for many deliveries.
+#[derive(Clone)]
+pub struct AttemptWriter {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl AttemptWriter {
+    pub fn spawn(
+        pool: PgPool,
+        cancel: CancellationToken,
+    ) -> (AttemptWriter, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(4096);
+        let handle = tokio::spawn(write_loop(pool, rx, cancel));
+        (AttemptWriter { tx }, handle)
+    }
+
+    /// Resolves once the record is committed; false if it could not be.
+    pub async fn record(&self, rec: AttemptRecord) -> bool {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send((rec, done)).await.is_err() {
+            return false;
+        }
+        wait.await.unwrap_or(false)
+    }
+}
+
+async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, cancel: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = cancel.cancelled() => {
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { return };
+        let mut batch = vec![first];
+        // Gather what arrives within a few milliseconds.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(5);
+        while batch.len() < 1000 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(p)) => batch.push(p),
+                _ => break,
+            }
+        }
+        let records: Vec<AttemptRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+        let ok = async {
+            let mut tx = pool.begin().await?;
+            store::record_attempts(&mut tx, &records).await?;
+            tx.commit().await?;
+            Ok::<_, herald_storage::StorageError>(())
+        }
+        .await;
+        if let Err(e) = &ok {
+            tracing::warn!(error = %e, n = records.len(), "cannot record delivery attempts");
+        }
+        metrics::histogram!("herald_notify_attempt_batch_size").record(records.len() as f64);
+        for (_, done) in batch {
+            let _ = done.send(ok.is_ok());
+        }
+    }
+}
+
+fn record(msg: &DeliveryMsg, status: &str) -> AttemptRecord {
+    AttemptRecord {
+        delivery_id: msg.delivery_id,
+        status: status.to_owned(),
+        attempted: false,
+        next_attempt_at: None,
+        status_code: None,
+        error: None,
+        response_body: None,
+        duration_ms: 0,
+    }
+}
+
+pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
+    let Ok(m) = serde_json::from_slice::<DeliveryMsg>(&msg.body) else {
+        return Outcome::DeadLetter;
+    };
+    if msg.redelivered {
+        // We may have sent it already before a crash; the row knows.
+        if let Ok(mut conn) = n.pool.acquire().await {
+            if let Ok(Some(s)) = store::delivery_status(&mut conn, m.delivery_id).await {
+                if matches!(s.as_str(), "succeeded" | "dead" | "skipped") {
+                    return Outcome::Ack;
+                }
+            }
+        }
+    }
+    let rec = match n.controls.mode("webhook") {
+        Mode::Disabled => {
+            metrics::counter!("herald_notify_skipped_total", "type" => "webhook").increment(1);
+            record(&m, "skipped")
+        }
+        // Held in PostgreSQL, due at once: the scheduler sends it after resume.
+        Mode::Paused => AttemptRecord {
+            next_attempt_at: Some(Utc::now()),
+            ..record(&m, "pending")
+        },
+        Mode::Enabled => match attempt(&n, &m).await {
+            Ok(rec) => rec,
+            Err(e) => {
+                tracing::warn!(error = %e, delivery = %m.delivery_id, "delivery failed before sending; requeueing");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return Outcome::Requeue;
+            }
+        },
+    };
+    if n.writer.record(rec).await {
+        Outcome::Ack
+    } else {
+        Outcome::Requeue
+    }
+}
+
+async fn attempt(
+    n: &Notifier,
+    m: &DeliveryMsg,
+) -> Result<AttemptRecord, herald_storage::StorageError> {
+    let Some(hook) = n.cache.webhook(&n.pool, m.webhook_id).await? else {
+        return Ok(AttemptRecord {
+            error: Some("webhook not found".into()),
+            ..record(m, "skipped")
+        });
+    };
+    let (hook, deleted) = (&hook.0, hook.1);
+    if deleted || hook.disabled {
+        let why = if deleted {
+            "webhook deleted"
+        } else {
+            "endpoint disabled"
+        };
+        return Ok(AttemptRecord {
+            error: Some(why.into()),
+            ..record(m, "skipped")
+        });
+    }
+    let host = reqwest::Url::parse(&hook.url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    let _slot = n.webhook_slots.acquire().await;
+    n.webhook_rate.acquire().await;
+    n.destinations.acquire(&hook.id.to_string(), &host).await;
+    let body = serde_json::to_vec(&m.payload).unwrap_or_default();
+    let a = n
+        .sender
+        .send(&hook.url, &hook.secret, &m.delivery_id.to_string(), &body)
+        .await;
+    let made = u32::try_from(m.attempts.max(0)).unwrap_or(0) + 1;
+    let (status, next) = match &a.outcome {
+        HttpOutcome::Success => ("succeeded", None),
+        HttpOutcome::Gone => {
+            let mut conn = n.pool.acquire().await?;
+            store::disable_webhook(&mut conn, hook.id, "the receiver answered 410 Gone").await?;
+            n.cache.invalidate(hook.org_id);
+            ("dead", None)
+        }
+        HttpOutcome::RetryAfter(d) if webhook::next_retry_delay(made).is_some() => {
+            ("failed", Some(*d))
+        }
+        _ => match webhook::next_retry_delay(made) {
+            Some(d) => ("failed", Some(d.mul_f64(n.settings.retry_scale.max(0.0)))),
+            None => ("dead", None),
+        },
+    };
+    metrics::counter!("herald_notify_deliveries_total", "type" => "webhook", "status" => status)
+        .increment(1);
+    Ok(AttemptRecord {
+        delivery_id: m.delivery_id,
+        status: status.to_owned(),
+        attempted: true,
+        next_attempt_at: next
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .map(|d| Utc::now() + d),
+        status_code: a.status_code.map(i32::from),
+        error: a.error.clone(),
+        response_body: a.response_body.clone(),
+        duration_ms: i32::try_from(a.duration.as_millis()).unwrap_or(i32::MAX),
+    })
+}
+
+/// The longest a worker waits for a token's budget before parking the status in
+/// PostgreSQL instead.
+const MAX_BUDGET_WAIT: Duration = Duration::from_secs(20);
+
+pub async fn commit_status(n: Arc<Notifier>, msg: Incoming) -> Outcome {
+    let Ok(m) = serde_json::from_slice::<StatusMsg>(&msg.body) else {
+        return Outcome::DeadLetter;
+    };
+    match status_attempt(&n, &m).await {
+        Ok(()) => Outcome::Ack,
+        Err(e) => {
+            tracing::warn!(error = %e, "commit status failed before sending; requeueing");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Outcome::Requeue
+        }
+    }
+}
+
+async fn status_attempt(n: &Notifier, m: &StatusMsg) -> Result<(), herald_storage::StorageError> {
+    let load = || async {
+        let mut conn = n.pool.acquire().await?;
+        store::status_work(&mut conn, &m.repository, &m.sha, &m.context).await
+    };
+    let Some(w) = load().await? else {
+        return Ok(());
+    };
+    // Coalescing: a newer version was sent already, or this one is.
+    if w.version <= w.sent_version {
+        metrics::counter!("herald_github_coalesced_total").increment(1);
+        return Ok(());
+    }
+    let mut conn = n.pool.acquire().await?;
+    match n.controls.mode("github_commit_status") {
+        Mode::Disabled => {
+            return store::status_result(
+                &mut conn,
+                &w,
+                StatusResult {
+                    status: "skipped",
+                    sent: true,
+                    ..Default::default()
+                },
+            )
+            .await;
+        }
+        Mode::Paused => {
+            let held = StatusResult {
+                status: "pending",
+                next_attempt_at: Some(Utc::now()),
+                ..Default::default()
+            };
+            return store::status_result(&mut conn, &w, held).await;
+        }
+        Mode::Enabled => {}
+    }
+    drop(conn);
+    let _slot = n.github_slots.acquire().await;
+    n.github_rate.acquire().await;
+    if tokio::time::timeout(MAX_BUDGET_WAIT, n.github.wait_for_budget(&w.token))
+        .await
+        .is_err()
+    {
+        let mut conn = n.pool.acquire().await?;
+        let at = Utc::now() + chrono::Duration::seconds(30);
+        return store::status_result(
+            &mut conn,
+            &w,
+            StatusResult {
+                status: "pending",
+                next_attempt_at: Some(at),
+                error: Some("token budget exhausted; waiting"),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    // The newest wanted state, read after waiting: what arrived meanwhile coalesces here.
+    let Some(w) = load().await? else {
+        return Ok(());
+    };
+    if w.version <= w.sent_version {
+        metrics::counter!("herald_github_coalesced_total").increment(1);
+        return Ok(());
+    }
+    let req = crate::commit_status::StatusRequest {
+        api_url: w.api_url.clone(),
+        token: w.token.clone(),
+        repository: w.repository.clone(),
+        sha: w.sha.clone(),
+        state: w.state.clone(),
+        target_url: w.target_url.clone(),
+        description: w.description.clone(),
+        context: w.context.clone(),
+    };
+    let outcome = n.github.post_status(&req).await;
+    let mut conn = n.pool.acquire().await?;
+    let made = u32::try_from(w.attempts.max(0)).unwrap_or(0) + 1;
+    match outcome {
+        GithubOutcome::Success => {
+            store::status_result(
+                &mut conn,
+                &w,
+                StatusResult {
+                    status: "succeeded",
+                    sent: true,
+                    attempted: true,
+                    code: Some(201),
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+        GithubOutcome::RateLimited { retry_at } => {
+            let wait = retry_at.saturating_duration_since(std::time::Instant::now());
+            let at = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+            store::status_result(
+                &mut conn,
+                &w,
+                StatusResult {
+                    status: "failed",
+                    attempted: true,
+                    next_attempt_at: Some(at),
+                    code: Some(403),
+                    error: Some("rate limited"),
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+        GithubOutcome::Retry(e) => match webhook::next_retry_delay(made) {
+            Some(d) => {
+                let d = d.mul_f64(n.settings.retry_scale.max(0.0));
+                let at = Utc::now() + chrono::Duration::from_std(d).unwrap_or_default();
+                store::status_result(
+                    &mut conn,
+                    &w,
+                    StatusResult {
+                        status: "failed",
+                        attempted: true,
+                        next_attempt_at: Some(at),
+                        error: Some(&e),
+                        ..Default::default()
+                    },
+                )
+                .await
+            }
+            None => {
+                store::status_result(
+                    &mut conn,
+                    &w,
+                    StatusResult {
+                        status: "dead",
+                        attempted: true,
+                        error: Some(&e),
+                        ..Default::default()
+                    },
+                )
+                .await
+            }
+        },
+        GithubOutcome::Fatal(e) => {
+            store::status_result(
+                &mut conn,
+                &w,
+                StatusResult {
+                    status: "dead",
+                    attempted: true,
+                    error: Some(&e),
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    }
+}

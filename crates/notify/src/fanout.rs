@@ -1,0 +1,193 @@
+//! Fan-out: one event in, its deliveries out. Consumes `{prefix}.notify`, resolves
+//! subscriptions through the cache, records every delivery once (the unique key on
+//! event × endpoint makes a redelivered event harmless), and hands the new ones to the
+//! per-type queues after commit.
+
+use crate::commit_status;
+use crate::controls::Mode;
+use crate::{DeliveryMsg, Notifier, StatusMsg};
+use herald_bus::{Incoming, Outcome, OutgoingMessage};
+use herald_domain::{pattern_matches, EventType};
+use herald_storage::notify::{self as store, WantedStatus};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub async fn handle(n: Arc<Notifier>, msg: Incoming) -> Outcome {
+    let Ok(event) = serde_json::from_slice::<Value>(&msg.body) else {
+        return Outcome::DeadLetter;
+    };
+    let parsed = (
+        event
+            .get("id")
+            .and_then(Value::as_str)
+            .and_then(|s| Uuid::parse_str(s).ok()),
+        event
+            .get("org_id")
+            .and_then(Value::as_str)
+            .and_then(|s| Uuid::parse_str(s).ok()),
+        event
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<EventType>().ok()),
+    );
+    let (Some(event_id), Some(org), Some(kind)) = parsed else {
+        tracing::warn!(routing_key = %msg.routing_key, "malformed event; dead-lettering");
+        return Outcome::DeadLetter;
+    };
+    match fan_out(&n, &event, event_id, org, kind).await {
+        Ok(()) => {
+            metrics::counter!("herald_notify_events_total").increment(1);
+            Outcome::Ack
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, %event_id, "fan-out failed; requeueing");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Outcome::Requeue
+        }
+    }
+}
+
+async fn fan_out(
+    n: &Notifier,
+    event: &Value,
+    event_id: Uuid,
+    org: Uuid,
+    kind: EventType,
+) -> anyhow::Result<()> {
+    let subs = n.cache.org(&n.pool, org).await?;
+    let pipeline = event
+        .pointer("/data/build/pipeline")
+        .and_then(Value::as_str);
+
+    let hooks: Vec<Uuid> = subs
+        .webhooks
+        .iter()
+        .filter(|w| !w.disabled)
+        .filter(|w| w.pipeline.is_none() || w.pipeline.as_deref() == pipeline)
+        .filter(|w| w.events.iter().any(|p| pattern_matches(p, kind)))
+        .map(|w| w.id)
+        .collect();
+    if !hooks.is_empty() {
+        let body = json!({
+            "type": kind.as_str(),
+            "timestamp": event.get("timestamp").cloned().unwrap_or(Value::Null),
+            "data": event.get("data").cloned().unwrap_or(Value::Null),
+        });
+        let mode = n.controls.mode("webhook");
+        let (status, held) = match mode {
+            Mode::Enabled => ("pending", false),
+            Mode::Paused => ("pending", true),
+            Mode::Disabled => ("skipped", false),
+        };
+        let mut conn = n.pool.acquire().await?;
+        let work = store::record_deliveries(
+            &mut conn,
+            store::NewDeliveries {
+                org_id: org,
+                event_id,
+                event_type: kind.as_str(),
+                payload: &body,
+                webhook_ids: &hooks,
+                status,
+                held,
+            },
+        )
+        .await?;
+        drop(conn);
+        if mode == Mode::Disabled {
+            metrics::counter!("herald_notify_skipped_total", "type" => "webhook")
+                .increment(hooks.len() as u64);
+        }
+        let msgs: Vec<OutgoingMessage> = work
+            .into_iter()
+            .map(|w| DeliveryMsg::from_work(&w).to_message(&n.names.delivery_queue("webhook")))
+            .collect();
+        if !msgs.is_empty() {
+            n.publisher.publish_batch("", &msgs).await?;
+            metrics::counter!("herald_notify_deliveries_created_total", "type" => "webhook")
+                .increment(msgs.len() as u64);
+        }
+    }
+
+    if let Some(g) = pipeline.and_then(|p| subs.github.iter().find(|g| g.pipeline == p)) {
+        if let Some(wanted) = wanted_status(n, event, kind, org, g) {
+            let mode = n.controls.mode("github_commit_status");
+            let mut conn = n.pool.acquire().await?;
+            let changed = store::want_status(
+                &mut conn,
+                &wanted,
+                mode == Mode::Disabled,
+                mode == Mode::Paused,
+            )
+            .await?;
+            drop(conn);
+            if changed && mode == Mode::Enabled {
+                let m = StatusMsg {
+                    repository: wanted.repository,
+                    sha: wanted.sha,
+                    context: wanted.context,
+                };
+                n.publisher
+                    .publish_batch(
+                        "",
+                        &[m.to_message(&n.names.delivery_queue("github_commit_status"))],
+                    )
+                    .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn wanted_status(
+    n: &Notifier,
+    event: &Value,
+    kind: EventType,
+    org: Uuid,
+    g: &store::GithubIntegration,
+) -> Option<WantedStatus> {
+    let build = event.pointer("/data/build")?;
+    let build_id = build
+        .get("id")
+        .and_then(Value::as_str)
+        .and_then(|s| Uuid::parse_str(s).ok())?;
+    let sha = build.get("commit").and_then(Value::as_str)?;
+    let number = build.get("number").and_then(Value::as_i64).unwrap_or(0);
+    let (herald_state, subject, job_key) = match kind {
+        EventType::BuildScheduled | EventType::BuildRunning | EventType::BuildFinished => (
+            build.get("state").and_then(Value::as_str)?,
+            format!("Build #{number}"),
+            None,
+        ),
+        EventType::JobScheduled | EventType::JobStarted | EventType::JobFinished
+            if g.job_statuses =>
+        {
+            let job = event.pointer("/data/job")?;
+            let key = job.get("key").and_then(Value::as_str)?;
+            (
+                job.get("state").and_then(Value::as_str)?,
+                format!("Job {key} of build #{number}"),
+                Some(key),
+            )
+        }
+        _ => return None,
+    };
+    let state = commit_status::github_state(herald_state)?;
+    Some(WantedStatus {
+        repository: g.repository.clone(),
+        sha: sha.to_owned(),
+        context: commit_status::context(&g.pipeline, job_key),
+        org_id: org,
+        pipeline_id: g.pipeline_id,
+        build_id,
+        state: state.to_owned(),
+        rank: i16::from(commit_status::rank(state)),
+        description: commit_status::describe(&subject, herald_state),
+        target_url: format!(
+            "{}/builds/{build_id}",
+            n.settings.target_base_url.trim_end_matches('/')
+        ),
+    })
+}

@@ -1,0 +1,147 @@
+//! The delivery scheduler: hands deliveries that wait in PostgreSQL (retries, held rows
+//! of a resumed type, replays) to the broker when they fall due, in batches, and
+//! expires old history in small batches. Single-instance, elected with an advisory
+//! lock; it sleeps until the next row is due or a notification wakes it.
+
+use crate::controls::Mode;
+use crate::{DeliveryMsg, Notifier, StatusMsg};
+use chrono::Utc;
+use herald_storage::maintenance::{self, keys};
+use herald_storage::notify::{self as store, AttemptRecord};
+use herald_storage::StorageError;
+use sqlx::{Connection, PgConnection};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub async fn run(url: String, n: Arc<Notifier>, due: Arc<Notify>, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    while !cancel.is_cancelled() {
+        match lead(&url, &n, &due, &cancel).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "delivery scheduler session ended; standing for election again");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cancel.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn lead(
+    url: &str,
+    n: &Notifier,
+    due: &Notify,
+    cancel: &CancellationToken,
+) -> Result<(), StorageError> {
+    let name = format!("herald-notify-scheduler-{}", std::process::id());
+    let mut session = maintenance::leader_session(url, &name).await?;
+    tokio::select! {
+        r = maintenance::acquire(&mut session, keys::NOTIFY_SCHEDULER) => r?,
+        _ = cancel.cancelled() => return Ok(()),
+    }
+    tracing::info!("elected delivery scheduler");
+    let mut last_expiry = Instant::now();
+    loop {
+        let mut busy = pass(&mut session, n).await?;
+        while busy {
+            busy = pass(&mut session, n).await?;
+        }
+        if last_expiry.elapsed() > Duration::from_secs(60) {
+            let gone =
+                store::expire_history(&mut session, n.settings.history_retention_s, 1000).await?;
+            if gone > 0 {
+                tracing::info!(gone, "expired notification history");
+            }
+            last_expiry = Instant::now();
+        }
+        let sleep = match store::next_due(&mut session).await? {
+            Some(at) => (at - Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_millis(50)),
+            None => Duration::from_secs(30),
+        }
+        .min(Duration::from_secs(30));
+        tokio::select! {
+            _ = due.notified() => {}
+            _ = tokio::time::sleep(sleep) => {}
+            _ = cancel.cancelled() => {
+                let _ = maintenance::release(&mut session, keys::NOTIFY_SCHEDULER).await;
+                let _ = session.close().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// One batch of each type; true if a batch was full (more may be due).
+async fn pass(session: &mut PgConnection, n: &Notifier) -> Result<bool, StorageError> {
+    let batch = n.settings.scheduler_batch;
+    let mut busy = false;
+    match n.controls.mode("webhook") {
+        Mode::Paused => {}
+        mode => {
+            let rows = store::due_deliveries(session, batch).await?;
+            busy |= rows.len() as i64 >= batch;
+            if mode == Mode::Disabled {
+                let skipped: Vec<AttemptRecord> = rows
+                    .iter()
+                    .map(|(w, _)| AttemptRecord {
+                        delivery_id: w.id,
+                        status: "skipped".into(),
+                        attempted: false,
+                        next_attempt_at: None,
+                        status_code: None,
+                        error: Some("notification type disabled".into()),
+                        response_body: None,
+                        duration_ms: 0,
+                    })
+                    .collect();
+                store::record_attempts(session, &skipped).await?;
+            } else if !rows.is_empty() {
+                let queue = n.names.delivery_queue("webhook");
+                let msgs: Vec<_> = rows
+                    .iter()
+                    .map(|(w, _)| DeliveryMsg::from_work(w).to_message(&queue))
+                    .collect();
+                if let Err(e) = n.publisher.publish_batch("", &msgs).await {
+                    tracing::warn!(error = %e, "cannot hand due deliveries to the broker");
+                    return Ok(false);
+                }
+                let marks: Vec<_> = rows.iter().map(|(w, at)| (w.id, *at)).collect();
+                store::mark_enqueued(session, &marks).await?;
+                metrics::counter!("herald_notify_scheduled_total", "type" => "webhook")
+                    .increment(rows.len() as u64);
+            }
+        }
+    }
+    if n.controls.mode("github_commit_status") != Mode::Paused {
+        let rows = store::due_statuses(session, batch).await?;
+        busy |= rows.len() as i64 >= batch;
+        if !rows.is_empty() {
+            let queue = n.names.delivery_queue("github_commit_status");
+            let msgs: Vec<_> = rows
+                .iter()
+                .map(|(r, s, c, _)| {
+                    StatusMsg {
+                        repository: r.clone(),
+                        sha: s.clone(),
+                        context: c.clone(),
+                    }
+                    .to_message(&queue)
+                })
+                .collect();
+            if let Err(e) = n.publisher.publish_batch("", &msgs).await {
+                tracing::warn!(error = %e, "cannot hand due commit statuses to the broker");
+                return Ok(false);
+            }
+            store::mark_statuses_enqueued(session, &rows).await?;
+        }
+    }
+    Ok(busy)
+}

@@ -1,0 +1,84 @@
+//! Automatic throttling: samples the health of the high-priority path and sets the
+//! notification pools' concurrency and rate from it (AIMD: halve at once when dispatch
+//! degrades, recover a step at a time while it is healthy).
+
+use crate::limits::Health;
+use crate::{DispatchHealth, Notifier};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub async fn run(n: Arc<Notifier>, dispatch: Option<DispatchHealth>, cancel: CancellationToken) {
+    let every = Duration::from_millis(n.settings.throttle.interval_ms.max(100));
+    let mut applied = (f64::NAN, 0usize);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = cancel.cancelled() => return,
+        }
+        // Rates follow the switches even when throttling is off.
+        let active = n.activity.swap(0, std::sync::atomic::Ordering::Relaxed) > 0;
+        let factor = if n.settings.throttle.enabled && active {
+            let health = sample(&n, dispatch.as_ref()).await;
+            n.throttle.observe(health)
+        } else if n.settings.throttle.enabled {
+            // Nothing to throttle: recover without asking the database anything.
+            n.throttle.observe(Health {
+                dispatch_p99: None,
+                db_acquire_wait: None,
+                query_latency: None,
+                lock_waiters: 0,
+            })
+        } else {
+            1.0
+        };
+        for (kind, limiter) in [
+            ("webhook", &n.webhook_rate),
+            ("github_commit_status", &n.github_rate),
+        ] {
+            if let Some(t) = n.controls.get(kind) {
+                limiter.set(t.rate_per_s, u32::try_from(t.burst).unwrap_or(1));
+            }
+            limiter.set_factor(factor);
+            metrics::gauge!("herald_notify_rate_limit", "type" => kind)
+                .set(limiter.effective_rate());
+        }
+        let web = n.throttle.concurrency(n.settings.webhook_concurrency);
+        let gh = n.throttle.concurrency(n.settings.github_concurrency);
+        if applied != (factor, web) {
+            n.webhook_slots.set_limit(web);
+            n.github_slots.set_limit(gh);
+            applied = (factor, web);
+        }
+        metrics::gauge!("herald_notify_concurrency_limit", "type" => "webhook").set(web as f64);
+        metrics::gauge!("herald_notify_concurrency_limit", "type" => "github_commit_status")
+            .set(gh as f64);
+    }
+}
+
+/// Query latency and lock waits of dispatch's connections, seen from this pool, plus
+/// the dispatcher's own latency when it runs in this process.
+async fn sample(n: &Notifier, dispatch: Option<&DispatchHealth>) -> Health {
+    let started = Instant::now();
+    let conn = n.pool.acquire().await;
+    let acquire = started.elapsed();
+    let mut lock_waiters = 0;
+    let mut query_latency = None;
+    if let Ok(mut conn) = conn {
+        let q = Instant::now();
+        let waiters: Result<i64, _> = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND application_name LIKE 'herald-dispatch%'",
+        )
+        .fetch_one(&mut *conn)
+        .await;
+        query_latency = Some(q.elapsed());
+        lock_waiters = u32::try_from(waiters.unwrap_or(0)).unwrap_or(u32::MAX);
+    }
+    Health {
+        dispatch_p99: dispatch.and_then(|f| f()),
+        db_acquire_wait: Some(acquire),
+        query_latency,
+        lock_waiters,
+    }
+}

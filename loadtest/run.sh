@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Runs the dispatch load test (issue 2) against a fresh Herald on this machine:
+#
+#   loadtest/run.sh [herald-loadtest arguments...]
+#   loadtest/run.sh --agents 50 --idle-seconds 10 --duration-s 15 --jobs-per-s 20   # smoke
+#   loadtest/run.sh --agents 1000 --jobs-per-s 100 --duration-s 60 --idle-seconds 30 # target
+#
+# It builds the release binaries, recreates the database herald_loadtest on the
+# primary (it streams to the replica), runs `herald migrate`, starts `herald serve`
+# (all roles) on 127.0.0.1:18080 with the AMQP prefix "loadtest", waits for /readyz,
+# runs herald-loadtest with the arguments given, then stops the server with SIGTERM.
+#
+# Needs the local services of scripts/services.sh (PostgreSQL primary 5432 + replica
+# 5433, RabbitMQ 5672) and psql and curl.
+#
+# Open files: 1000 agents hold 1000 long polls, i.e. 1000 sockets in the load test and
+# 1000 more in Herald, plus database and broker connections. The default soft limit of
+# 1024 is not enough, so this script raises it first:
+#
+#   ulimit -n 65536
+#
+# (falling back to the hard limit when 65536 is above it).
+#
+# Environment (all optional):
+#   HERALD_LOADTEST_PRIMARY   postgres://postgres@127.0.0.1:5432   primary, without database
+#   HERALD_LOADTEST_REPLICA   postgres://postgres@127.0.0.1:5433   replica, without database
+#   HERALD_LOADTEST_DB        herald_loadtest                      database name
+#   HERALD_LOADTEST_LISTEN    127.0.0.1:18080                      Herald's API address
+#   HERALD_LOADTEST_OUT       /tmp/herald-loadtest                 server log, /metrics dump
+#   HERALD_LOADTEST_KEEP_QUEUES=1   keep the broker's loadtest.* queues of earlier runs
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+log() { printf '[run.sh] %s\n' "$*"; }
+die() { printf '[run.sh] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# --- open files -------------------------------------------------------------------
+if ! ulimit -n 65536 2>/dev/null; then
+    hard="$(ulimit -Hn)"
+    ulimit -n "$hard" || die "cannot raise the open-files limit"
+    log "warning: ulimit -n 65536 refused (hard limit ${hard}); running with ${hard}"
+fi
+log "open-files limit: $(ulimit -n)"
+
+PRIMARY="${HERALD_LOADTEST_PRIMARY:-postgres://postgres@127.0.0.1:5432}"
+REPLICA="${HERALD_LOADTEST_REPLICA:-postgres://postgres@127.0.0.1:5433}"
+DB="${HERALD_LOADTEST_DB:-herald_loadtest}"
+LISTEN="${HERALD_LOADTEST_LISTEN:-127.0.0.1:18080}"
+OUT="${HERALD_LOADTEST_OUT:-/tmp/herald-loadtest}"
+BASE_URL="http://${LISTEN}"
+[[ "$DB" =~ ^[a-z_][a-z0-9_]*$ ]] || die "HERALD_LOADTEST_DB must be a plain lower-case identifier"
+mkdir -p "$OUT"
+
+# --- build --------------------------------------------------------------------------
+log "cargo build --release -p herald -p herald-loadtest"
+cargo build --release -p herald -p herald-loadtest
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps \
+    | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+BIN="${TARGET_DIR:-${CARGO_TARGET_DIR:-target}}/release"
+[[ -x "$BIN/herald" && -x "$BIN/herald-loadtest" ]] || die "release binaries not found in $BIN"
+
+# --- fresh database -----------------------------------------------------------------
+log "recreating database ${DB}"
+psql -X -q -v ON_ERROR_STOP=1 "${PRIMARY}/postgres" \
+    -c "DROP DATABASE IF EXISTS ${DB} WITH (FORCE)" \
+    -c "CREATE DATABASE ${DB}"
+# The replica must have replayed the CREATE before Herald connects to it.
+for _ in $(seq 1 60); do
+    if psql -X -q -At "${REPLICA}/${DB}" -c 'SELECT 1' >/dev/null 2>&1; then
+        break
+    fi
+    sleep 0.5
+done
+psql -X -q -At "${REPLICA}/${DB}" -c 'SELECT 1' >/dev/null || die "database ${DB} did not appear on the replica"
+
+# --- broker: queues of earlier runs would feed the new server stale events ---------------
+if [[ "${HERALD_LOADTEST_KEEP_QUEUES:-0}" != 1 ]] && command -v rabbitmqctl >/dev/null 2>&1; then
+    if queues="$(rabbitmqctl list_queues -q --no-table-headers name 2>/dev/null)"; then
+        while IFS= read -r q; do
+            [[ "$q" == loadtest.* ]] || continue
+            log "deleting broker queue ${q} of an earlier run"
+            rabbitmqctl delete_queue -q "$q" >/dev/null 2>&1 || log "warning: could not delete queue ${q}"
+        done <<<"$queues"
+    else
+        log "warning: rabbitmqctl list_queues failed; keeping the loadtest.* queues"
+    fi
+fi
+
+# --- server -------------------------------------------------------------------------
+ADMIN_TOKEN="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
+export HERALD_DATABASE__PRIMARY_URL="${PRIMARY}/${DB}"
+export HERALD_DATABASE__REPLICA_URL="${REPLICA}/${DB}"
+export HERALD_AMQP__PREFIX=loadtest
+export HERALD_HTTP__LISTEN="$LISTEN"
+export HERALD_AUTH__ADMIN_TOKEN="$ADMIN_TOKEN"
+export HERALD_LOG__FILTER=warn
+
+log "herald migrate"
+"$BIN/herald" migrate
+
+SERVER_LOG="${OUT}/herald-serve.log"
+log "herald serve (log: ${SERVER_LOG})"
+"$BIN/herald" serve >"$SERVER_LOG" 2>&1 &
+SERVER_PID=$!
+
+stop_server() {
+    if kill -0 "$SERVER_PID" 2>/dev/null; then
+        log "stopping herald serve (pid ${SERVER_PID}) with SIGTERM"
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 1 60); do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.5
+        done
+        if kill -0 "$SERVER_PID" 2>/dev/null; then
+            log "warning: herald serve still running after 30 s; SIGKILL"
+            kill -KILL "$SERVER_PID" 2>/dev/null || true
+        fi
+    fi
+    wait "$SERVER_PID" 2>/dev/null || true
+}
+trap stop_server EXIT
+
+ready=0
+for _ in $(seq 1 120); do
+    kill -0 "$SERVER_PID" 2>/dev/null || { tail -n 30 "$SERVER_LOG" >&2; die "herald serve exited"; }
+    if curl -fsS -o /dev/null "${BASE_URL}/readyz" 2>/dev/null; then
+        ready=1
+        break
+    fi
+    sleep 0.5
+done
+((ready)) || { tail -n 30 "$SERVER_LOG" >&2; die "herald serve not ready after 60 s"; }
+log "herald serve ready at ${BASE_URL}"
+
+# --- load test ------------------------------------------------------------------------
+rc=0
+"$BIN/herald-loadtest" \
+    --base-url "$BASE_URL" \
+    --admin-token "$ADMIN_TOKEN" \
+    --db-url "${PRIMARY}/${DB}" \
+    --replica-db-url "${REPLICA}/${DB}" \
+    "$@" || rc=$?
+
+curl -fsS "${BASE_URL}/metrics" >"${OUT}/metrics.txt" 2>/dev/null \
+    && log "Herald's /metrics at the end: ${OUT}/metrics.txt" || true
+stop_server
+trap - EXIT
+
+warnings="$(grep -c -E 'WARN|ERROR' "$SERVER_LOG" || true)"
+log "server log: ${warnings} WARN/ERROR lines in ${SERVER_LOG}"
+if [[ "$warnings" != 0 ]]; then
+    grep -E 'WARN|ERROR' "$SERVER_LOG" | sed -E 's/^[^ ]+ +//' | cut -c1-200 | sort | uniq -c | sort -rn | head -n 10
+fi
+exit "$rc"

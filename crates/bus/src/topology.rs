@@ -13,7 +13,7 @@ use crate::BusError;
 pub const DELIVERY_LIMIT: i32 = 20;
 
 /// Routing keys the dispatch queue listens to by default.
-pub const DISPATCH_BINDINGS: &[&str] = &["job.finished", "job.started", "build.canceled"];
+pub const DISPATCH_BINDINGS: &[&str] = &["job.finished"];
 
 /// Exchange and queue names derived from the prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,7 +102,8 @@ fn quorum_args(dead_letter_exchange: Option<&str>) -> FieldTable {
 /// * quorum queue `{p}.dead` bound to `{p}.dlx` with `#`;
 /// * quorum queue `{p}.dispatch` (DLX `{p}.dlx`, delivery limit 20) bound to `{p}.events` with
 ///   [`DISPATCH_BINDINGS`];
-/// * quorum queue `{p}.notify` (DLX `{p}.dlx`, delivery limit 20) bound to `{p}.events` with `#`.
+/// * quorum queue `{p}.notify` (DLX `{p}.dlx`, delivery limit 20) bound to `{p}.events` with `#`;
+/// * quorum queues `{p}.deliver.webhook` and `{p}.deliver.github_commit_status`, unbound.
 ///
 /// A declaration that conflicts with an existing entity closes the channel (406).
 pub async fn declare_topology(channel: &Channel, names: &Names) -> Result<(), BusError> {
@@ -133,8 +134,16 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> Result<(), Bu
         .await?;
     declare_queue(channel, names, &names.dispatch_queue(), DISPATCH_BINDINGS).await?;
     declare_queue(channel, names, &names.notify_queue(), &["#"]).await?;
+    // The notification pools' own queues take messages by name through the default
+    // exchange: they must exist before anything is published to them.
+    for kind in DELIVERY_KINDS {
+        declare_queue(channel, names, &names.delivery_queue(kind), &[]).await?;
+    }
     Ok(())
 }
+
+/// The per-type delivery queues `{p}.deliver.{kind}`.
+pub const DELIVERY_KINDS: &[&str] = &["webhook", "github_commit_status"];
 
 /// Idempotently declares a durable quorum queue with dead-letter exchange `{p}.dlx` and delivery
 /// limit 20, and binds it to `{p}.events` with each of `bindings` (topic patterns). The events
@@ -204,6 +213,7 @@ pub async fn delete_topology(
         names.notify_queue(),
         names.dead_letter_queue(),
     ];
+    queues.extend(DELIVERY_KINDS.iter().map(|k| names.delivery_queue(k)));
     queues.extend(extra_queues.iter().map(|q| q.to_string()));
     for q in &queues {
         channel

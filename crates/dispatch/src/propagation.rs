@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use std::time::Duration;
 use uuid::Uuid;
 
-pub const BINDINGS: &[&str] = &["job.finished"];
+pub const BINDINGS: &[&str] = herald_bus::DISPATCH_BINDINGS;
 
 pub fn spec(queue: String, prefetch: u16, concurrency: usize) -> ConsumerSpec {
     let mut spec = ConsumerSpec::new(queue, BINDINGS);

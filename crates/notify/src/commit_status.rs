@@ -880,7 +880,7 @@ mod tests {
         };
         let wait = retry_at.saturating_duration_since(sent);
         assert!(
-            wait > Duration::from_millis(900) && wait <= Duration::from_millis(1100),
+            wait > Duration::from_millis(900) && wait <= Duration::from_millis(1500),
             "{wait:?}"
         );
         assert_eq!(c.blocked_until(TOKEN), Some(retry_at));

@@ -19,12 +19,12 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use cache::TokenCache;
 use heartbeat::Heartbeats;
-use herald_storage::ReadRouter;
+use herald_storage::{ReadRouter, Waker};
 use metrics_exporter_prometheus::PrometheusHandle;
 use parked::Parked;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +60,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     pub probes: Arc<Vec<(&'static str, Probe)>>,
     pub broker_queues: Option<BrokerQueues>,
+    /// Post-commit wake-ups (see `herald_storage::wake`); set by `spawn_background`.
+    pub waker: Arc<OnceLock<Waker>>,
 }
 
 impl AppState {
@@ -79,6 +81,16 @@ impl AppState {
             metrics,
             probes: Arc::new(probes),
             broker_queues: None,
+            waker: Arc::default(),
+        }
+    }
+
+    /// Wakes the listeners of `channels` after a commit on the hot path.
+    pub fn wake(&self, channels: &[&'static str]) {
+        if let Some(w) = self.waker.get() {
+            for c in channels {
+                w.wake(c);
+            }
         }
     }
 
@@ -94,8 +106,11 @@ impl AppState {
         let heartbeats = self.heartbeats.clone();
         let every = self.settings.heartbeat_flush;
         let cancel = cancel.clone();
+        let (waker, sender) = Waker::spawn(pool.clone(), cancel.clone());
+        // Only the first call's waker is kept; a second one would only send duplicates.
+        let _ = self.waker.set(waker);
         let flusher = tokio::spawn(async move { heartbeats.run(pool, every, cancel).await });
-        vec![listener, flusher]
+        vec![listener, flusher, sender]
     }
 }
 

@@ -3,7 +3,7 @@
 //! a backstop. Any number may run; `SKIP LOCKED` keeps them out of each other's way.
 
 use crate::DispatchSettings;
-use herald_storage::{channels, dispatch, StorageError};
+use herald_storage::{channels, dispatch, StorageError, Waker};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub async fn run(pool: PgPool, settings: DispatchSettings, cancel: CancellationToken) {
+pub async fn run(
+    pool: PgPool,
+    waker: Waker,
+    settings: DispatchSettings,
+    cancel: CancellationToken,
+) {
     let wake = Arc::new(Notify::new());
     let listener = tokio::spawn(listen(pool.clone(), wake.clone(), cancel.clone()));
     let backstop = Duration::from_secs_f64(settings.backstop_poll_s.max(0.1));
@@ -19,8 +24,14 @@ pub async fn run(pool: PgPool, settings: DispatchSettings, cancel: CancellationT
     loop {
         let mut more = true;
         while more && !cancel.is_cancelled() {
-            more = match round(&pool, settings.batch_agents).await {
-                Ok(n) => n > 0,
+            more = match round(&pool, &waker, settings.batch_agents).await {
+                Ok(r) if r.assigned == 0 && r.deferred > 0 => {
+                    // Only agents someone else held briefly: look again in a moment
+                    // rather than spin on them.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    true
+                }
+                Ok(r) => r.assigned > 0,
                 Err(e) => {
                     tracing::warn!(error = %e, "assignment round failed");
                     tokio::select! {
@@ -41,22 +52,44 @@ pub async fn run(pool: PgPool, settings: DispatchSettings, cancel: CancellationT
     tracing::info!("dispatcher stopped");
 }
 
-/// One transaction; returns how many jobs it assigned.
-pub async fn round(pool: &PgPool, batch_agents: i64) -> Result<usize, StorageError> {
+/// What one round did.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundOutcome {
+    pub assigned: usize,
+    pub deferred: usize,
+}
+
+/// One transaction. After commit it tells the parked pings (in any process) and wakes
+/// the relay; see `herald_storage::wake` for why not from inside the transaction.
+pub async fn round(
+    pool: &PgPool,
+    waker: &Waker,
+    batch_agents: i64,
+) -> Result<RoundOutcome, StorageError> {
     let started = Instant::now();
     let mut tx = pool.begin().await?;
     metrics::histogram!("herald_db_pool_acquire_seconds", "pool" => "dispatch")
         .record(started.elapsed().as_secs_f64());
-    let assigned = match dispatch::assign_round(&mut tx, batch_agents).await {
-        Ok(a) => a,
+    let round = match dispatch::assign_round(&mut tx, batch_agents).await {
+        Ok(r) => r,
         // Two dispatchers raced for one agent; the unique index stopped the second.
         Err(StorageError::Database(e)) if StorageError::is_unique_violation(&e) => {
             tx.rollback().await?;
-            return Ok(1);
+            return Ok(RoundOutcome {
+                assigned: 0,
+                deferred: 1,
+            });
         }
         Err(e) => return Err(e),
     };
+    let assigned = round.assigned;
     tx.commit().await?;
+    if !assigned.is_empty() {
+        for a in &assigned {
+            waker.send(channels::ASSIGNED, format!("{} {}", a.agent_id, a.job_id));
+        }
+        waker.wake(channels::OUTBOX);
+    }
     let now = chrono::Utc::now();
     for a in &assigned {
         if let Some(at) = a.scheduled_at {
@@ -67,7 +100,10 @@ pub async fn round(pool: &PgPool, batch_agents: i64) -> Result<usize, StorageErr
     metrics::histogram!("herald_dispatch_round_seconds").record(started.elapsed().as_secs_f64());
     health::observe(started.elapsed());
     metrics::counter!("herald_jobs_assigned_total").increment(assigned.len() as u64);
-    Ok(assigned.len())
+    Ok(RoundOutcome {
+        assigned: assigned.len(),
+        deferred: round.deferred,
+    })
 }
 
 async fn listen(pool: PgPool, wake: Arc<Notify>, cancel: CancellationToken) {

@@ -4,6 +4,7 @@
 
 use herald_bus::{ConsumerSpec, Incoming, Outcome};
 use herald_storage::propagate::{self, Propagation};
+use herald_storage::{channels, Waker};
 use rand::Rng;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -24,7 +25,7 @@ fn build_id(msg: &Incoming) -> Option<Uuid> {
     Uuid::parse_str(id).ok()
 }
 
-pub async fn handle(pool: PgPool, msg: Incoming) -> Outcome {
+pub async fn handle(pool: PgPool, waker: Waker, msg: Incoming) -> Outcome {
     let Some(build) = build_id(&msg) else {
         tracing::warn!(routing_key = %msg.routing_key, "event without a build id; dead-lettering");
         return Outcome::DeadLetter;
@@ -32,7 +33,7 @@ pub async fn handle(pool: PgPool, msg: Incoming) -> Outcome {
     // The build row is locked by another propagation: skip, back off briefly, retry.
     // No transaction is held while waiting.
     for attempt in 0..50u32 {
-        match propagate_once(&pool, build).await {
+        match propagate_once(&pool, &waker, build).await {
             Ok(Propagation::Done { .. }) => return Outcome::Ack,
             Ok(Propagation::Busy) => {
                 metrics::counter!("herald_propagation_busy_total").increment(1);
@@ -51,15 +52,25 @@ pub async fn handle(pool: PgPool, msg: Incoming) -> Outcome {
 
 async fn propagate_once(
     pool: &PgPool,
+    waker: &Waker,
     build: Uuid,
 ) -> Result<Propagation, herald_storage::StorageError> {
     let mut tx = pool.begin().await?;
     let result = propagate::propagate_build(&mut tx, build).await?;
     tx.commit().await?;
     if let Propagation::Done {
-        scheduled, skipped, ..
+        scheduled,
+        skipped,
+        wrote_events,
+        ..
     } = &result
     {
+        if *wrote_events {
+            waker.wake(channels::OUTBOX);
+        }
+        if *scheduled > 0 {
+            waker.wake(channels::DISPATCH);
+        }
         metrics::counter!("herald_jobs_unblocked_total").increment(*scheduled as u64);
         metrics::counter!("herald_jobs_skipped_total").increment(*skipped as u64);
     }

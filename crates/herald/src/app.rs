@@ -222,8 +222,11 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             "herald-dispatch",
             false,
         )?;
+        let (waker, sender) = herald_storage::Waker::spawn(pool.clone(), cancel.clone());
+        tasks.push(sender);
         tasks.push(tokio::spawn(herald_dispatch::dispatcher::run(
             pool.clone(),
+            waker.clone(),
             cfg.dispatch.clone(),
             cancel.clone(),
         )));
@@ -235,7 +238,8 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
         let c = cancel.clone();
         let b = bus.clone();
         tasks.push(tokio::spawn(async move {
-            let handler = move |msg| herald_dispatch::propagation::handle(pool.clone(), msg);
+            let handler =
+                move |msg| herald_dispatch::propagation::handle(pool.clone(), waker.clone(), msg);
             if let Err(e) = herald_bus::run_consumer(b, spec, c, handler).await {
                 tracing::error!(error = %e, "propagation consumer failed");
             }

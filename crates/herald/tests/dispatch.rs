@@ -36,7 +36,17 @@ async fn work(agent: Client, stop: Arc<AtomicBool>, fail: Arc<HashSet<String>>) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fan_in_of_200_jobs_finished_by_50_agents_at_once() {
     let env = TestEnv::new().await;
-    let mut app = env.start("api,relay,dispatch,maintenance", &[]).await;
+    // No backstop polling within the test's time: commits must wake the relay and the
+    // dispatcher.
+    let mut app = env
+        .start(
+            "api,relay,dispatch,maintenance",
+            &[
+                ("HERALD_DISPATCH__BACKSTOP_POLL_S", "600"),
+                ("HERALD_RELAY__BACKSTOP_POLL_S", "600"),
+            ],
+        )
+        .await;
     let (api, reg) = org(&app, "acme").await;
 
     let mut jobs: Vec<_> = (0..200)
@@ -347,5 +357,85 @@ async fn one_maintenance_leader_and_a_fast_takeover_after_kill_9() {
     eprintln!("takeover after kill -9 took {:?}", started.elapsed());
     kill9(&mut first);
     kill9(&mut second);
+    env.cleanup().await;
+}
+
+/// Jobs go out by priority, then age; each queue finds its own agents, however many
+/// idle agents of other queues come first and however small the round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_go_by_priority_then_age_and_each_queue_finds_its_agents() {
+    let env = TestEnv::new().await;
+    // Backstop polls far beyond the pings' wait: only post-commit wake-ups can move
+    // the work along in time.
+    let mut app = env
+        .start(
+            "api,relay,dispatch",
+            &[
+                ("HERALD_DISPATCH__BATCH_AGENTS", "5"),
+                ("HERALD_DISPATCH__BACKSTOP_POLL_S", "600"),
+                ("HERALD_RELAY__BACKSTOP_POLL_S", "600"),
+            ],
+        )
+        .await;
+    let (api, reg) = org(&app, "acme").await;
+
+    // Twenty idle "default" agents, never assigned, registered first.
+    for i in 0..20 {
+        agent(&app, &reg, &format!("cpu-{i}")).await;
+    }
+    let first = api
+        .create_build(
+            "web",
+            &build_body(json!([
+                {"key": "low-old", "command": "true", "queue": "solo"},
+                {"key": "high", "command": "true", "queue": "solo", "priority": 5},
+            ])),
+        )
+        .await
+        .expect("create");
+    let second = api
+        .create_build(
+            "web",
+            &build_body(json!([
+                {"key": "low-new", "command": "true", "queue": "solo"},
+                {"key": "gpu", "command": "true", "queue": "gpu"},
+            ])),
+        )
+        .await
+        .expect("create");
+
+    let g = reg
+        .register_agent("gpu-0", &["gpu"])
+        .await
+        .expect("gpu agent");
+    let gpu = app.client.with_token(g.access_token);
+    let got = gpu.ping(10).await.expect("ping").expect("gpu job");
+    assert_eq!(got.id, job_id(&second, "gpu"));
+
+    // The only "solo" agent gets its jobs one at a time: priority first, then the older.
+    let s = reg
+        .register_agent("solo-0", &["solo"])
+        .await
+        .expect("solo agent");
+    let solo = app.client.with_token(s.access_token);
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let job = solo.ping(10).await.expect("ping").expect("a job");
+        order.push(job.id);
+        solo.run_job(job.id, 0, Duration::ZERO).await.expect("run");
+    }
+    assert_eq!(
+        order,
+        vec![
+            job_id(&first, "high"),
+            job_id(&first, "low-old"),
+            job_id(&second, "low-new"),
+        ]
+    );
+    let on_default = env
+        .count("SELECT count(*) FROM jobs j JOIN agents a ON a.id = j.agent_id WHERE a.name LIKE 'cpu-%'")
+        .await;
+    assert_eq!(on_default, 0, "no job went to an agent of another queue");
+    app.stop().await;
     env.cleanup().await;
 }

@@ -85,9 +85,15 @@ async fn relay_loop(
 ) -> Result<(), StorageError> {
     let backstop = Duration::from_secs_f64(s.backstop_poll_s.max(0.1));
     let mut broker_backoff = Duration::from_millis(100);
+    // Confirmed by the broker, to be marked by the next read (one round trip for both).
+    let mut confirmed: Vec<i64> = Vec::new();
     loop {
         // Reads run on the leader's own session: if it died, we are no longer leader.
-        let rows = outbox::fetch_unpublished(session, s.batch_size).await?;
+        let rows = outbox::mark_and_fetch(session, &confirmed, s.batch_size).await?;
+        if !confirmed.is_empty() {
+            metrics::counter!("herald_relay_published_total").increment(confirmed.len() as u64);
+            confirmed.clear();
+        }
         if rows.is_empty() {
             metrics::gauge!("herald_outbox_backlog").set(0.0);
             tokio::select! {
@@ -111,9 +117,7 @@ async fn relay_loop(
         match publisher.publish_events(&msgs).await {
             Ok(()) => {
                 broker_backoff = Duration::from_millis(100);
-                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                outbox::mark_published(session, &ids).await?;
-                metrics::counter!("herald_relay_published_total").increment(ids.len() as u64);
+                confirmed = rows.iter().map(|r| r.id).collect();
             }
             Err(e) => {
                 // The rows stay unpublished; nothing is lost while the broker is away.

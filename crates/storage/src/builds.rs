@@ -18,7 +18,8 @@ pub struct NewBuild {
 }
 
 /// Creates a build, its jobs and their edges, and the events, in the caller's
-/// transaction. Jobs without dependencies are runnable at once.
+/// transaction. Jobs without dependencies are runnable at once. Sends no `NOTIFY`: the
+/// caller wakes `herald_outbox` and `herald_dispatch` after commit.
 pub async fn create_build(
     conn: &mut PgConnection,
     org_id: Uuid,
@@ -28,7 +29,8 @@ pub async fn create_build(
     // Numbers come from the pipeline row: the first lock in the global order.
     let row = sqlx::query(
         "UPDATE pipelines SET next_build_number = next_build_number + 1 \
-         WHERE org_id = $1 AND slug = $2 RETURNING id, next_build_number - 1 AS number",
+         WHERE org_id = $1 AND slug = $2 \
+         RETURNING id, next_build_number - 1 AS number, slug, repository",
     )
     .bind(org_id)
     .bind(pipeline_slug)
@@ -37,10 +39,15 @@ pub async fn create_build(
     .ok_or(StorageError::NotFound("pipeline"))?;
     let pipeline_id: Uuid = row.try_get("id")?;
     let number: i32 = row.try_get("number")?;
+    let slug: String = row.try_get("slug")?;
+    let repository: String = row.try_get("repository")?;
     let build_id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO builds (id, org_id, pipeline_id, number, state, commit_sha, branch, message) \
-         VALUES ($1, $2, $3, $4, 'scheduled', $5, $6, $7)",
+    let mut build: BuildView = sqlx::query_as(
+        "INSERT INTO builds AS b (id, org_id, pipeline_id, number, state, commit_sha, branch, message) \
+         VALUES ($1, $2, $3, $4, 'scheduled', $5, $6, $7) \
+         RETURNING b.id, b.org_id, b.number, b.state, b.commit_sha, b.branch, b.message, \
+                   $8::text AS pipeline, $9::text AS repository, b.created_at, b.started_at, \
+                   b.finished_at, b.cancel_requested_at IS NOT NULL AS canceled",
     )
     .bind(build_id)
     .bind(org_id)
@@ -49,7 +56,9 @@ pub async fn create_build(
     .bind(new.commit.as_str())
     .bind(new.branch.as_str())
     .bind(&new.message)
-    .execute(&mut *conn)
+    .bind(&slug)
+    .bind(&repository)
+    .fetch_one(&mut *conn)
     .await?;
 
     let n = new.jobs.len();
@@ -89,15 +98,16 @@ pub async fn create_build(
             edge_to.push(job_ids[d]);
         }
     }
-    sqlx::query(
-        "INSERT INTO jobs (id, build_id, org_id, position, key, command, queue, priority, label, env, \
+    let mut jobs: Vec<JobView> = sqlx::query_as(&format!(
+        "INSERT INTO jobs AS j (id, build_id, org_id, position, key, command, queue, priority, label, env, \
                            depends_on, state, scheduled_at) \
          SELECT id, $2, $3, pos, key, cmd, q, prio, label, env, deps, st, \
                 CASE WHEN st = 'scheduled' THEN now() END \
          FROM unnest($1::uuid[], $4::int[], $5::text[], $6::text[], $7::text[], $8::int[], \
                      $9::text[], $10::jsonb[], $11::jsonb[], $12::text[]) \
-              AS t(id, pos, key, cmd, q, prio, label, env, deps, st)",
-    )
+              AS t(id, pos, key, cmd, q, prio, label, env, deps, st) \
+         RETURNING {JOB_COLUMNS}"
+    ))
     .bind(&job_ids)
     .bind(build_id)
     .bind(org_id)
@@ -110,8 +120,11 @@ pub async fn create_build(
     .bind(&envs)
     .bind(&deps_json)
     .bind(&states)
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
+    let order: std::collections::HashMap<Uuid, usize> =
+        job_ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    jobs.sort_by_key(|j| order.get(&j.id).copied().unwrap_or(usize::MAX));
     if !edge_from.is_empty() {
         sqlx::query(
             "INSERT INTO job_dependencies (job_id, depends_on_id) \
@@ -123,16 +136,14 @@ pub async fn create_build(
         .await?;
     }
 
-    let mut build = get_build_on(conn, org_id, build_id).await?;
-    let jobs = build.jobs.take().unwrap_or_default();
     let mut evs = vec![NewEvent::build(EventType::BuildScheduled, &build)];
     evs.extend(
         jobs.iter()
             .filter(|j| j.state == JobState::Scheduled.as_str())
             .map(|j| NewEvent::job(EventType::JobScheduled, &build, j)),
     );
-    events::insert(conn, evs).await?;
-    events::notify(conn, channels::DISPATCH, "").await?;
+    // The caller wakes the relay and the dispatcher after commit (`wake`).
+    events::insert_quiet(conn, evs).await?;
     build.jobs = Some(jobs);
     Ok(build)
 }

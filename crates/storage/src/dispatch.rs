@@ -1,13 +1,16 @@
 //! Assigning runnable jobs to free agents. Several dispatchers may run at once: every
 //! row is taken with `SKIP LOCKED`, so they never wait on each other, and a unique
-//! index makes "one job per agent" a database fact.
+//! index makes "one job per agent" a database fact. A round locks only the jobs it can
+//! assign and the agents it chose, in four statements.
 
+use crate::error::StorageError;
 use crate::events;
-use crate::{channels, error::StorageError};
+use crate::views::{JobView, JOB_COLUMNS};
+
 use chrono::{DateTime, Utc};
 use herald_domain::EventType;
 use sqlx::{PgConnection, Row};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 #[derive(Debug, Clone)]
@@ -17,137 +20,152 @@ pub struct Assignment {
     pub scheduled_at: Option<DateTime<Utc>>,
 }
 
-struct FreeAgent {
-    id: Uuid,
-    org_id: Uuid,
-    queues: Vec<String>,
+/// What one round did.
+#[derive(Debug, Default)]
+pub struct Round {
+    pub assigned: Vec<Assignment>,
+    /// Matches that could not be made because another transaction held the agent:
+    /// the caller should run another round soon.
+    pub deferred: usize,
 }
 
 struct Candidate {
     id: Uuid,
-    org_id: Uuid,
-    queue: String,
+    pair: usize,
     priority: i32,
     scheduled_at: Option<DateTime<Utc>>,
 }
 
-/// One round of assignment, in the caller's transaction. Returns what it assigned;
-/// the caller commits, then loops while this returns a full batch.
+/// Finds, for every (org, queue) that has runnable jobs, free agents serving it (least
+/// recently assigned first, read without locking) and locks up to that many of its
+/// runnable jobs. Demand-driven: the work is proportional to what can be assigned, not
+/// to the number of connected agents, and a queue never waits behind another's agents.
+const CANDIDATES: &str = "\
+WITH RECURSIVE pairs AS ( \
+    (SELECT org_id, queue FROM jobs WHERE state = 'scheduled' ORDER BY org_id, queue LIMIT 1) \
+  UNION ALL \
+    SELECT n.org_id, n.queue FROM pairs p CROSS JOIN LATERAL ( \
+        SELECT org_id, queue FROM jobs \
+        WHERE state = 'scheduled' AND (org_id, queue) > (p.org_id, p.queue) \
+        ORDER BY org_id, queue LIMIT 1) n \
+), cand AS MATERIALIZED ( \
+    SELECT p.org_id, p.queue, ARRAY( \
+        SELECT a.id FROM agents a \
+        WHERE a.org_id = p.org_id AND a.state = 'connected' AND a.queues @> ARRAY[p.queue] \
+          AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.agent_id = a.id \
+                          AND b.state IN ('assigned', 'accepted', 'running', 'canceling')) \
+        ORDER BY a.last_assigned_at NULLS FIRST \
+        LIMIT (SELECT count(*) FROM (SELECT 1 FROM jobs x WHERE x.state = 'scheduled' \
+                                     AND x.org_id = p.org_id AND x.queue = p.queue LIMIT $1) c) \
+    ) AS agent_ids \
+    FROM pairs p \
+) \
+SELECT c.org_id, c.queue, c.agent_ids, j.id, j.priority, j.scheduled_at \
+FROM cand c CROSS JOIN LATERAL ( \
+    SELECT id, priority, scheduled_at FROM jobs \
+    WHERE state = 'scheduled' AND org_id = c.org_id AND queue = c.queue \
+    ORDER BY priority DESC, scheduled_at, id \
+    LIMIT cardinality(c.agent_ids) FOR UPDATE SKIP LOCKED) j";
+
+/// One round of assignment, in the caller's transaction; the caller commits, then
+/// runs another round while this one assigned or deferred something.
 pub async fn assign_round(
     conn: &mut PgConnection,
-    max_agents: i64,
-) -> Result<Vec<Assignment>, StorageError> {
-    let agent_rows = sqlx::query(
-        "SELECT a.id, a.org_id, a.queues FROM agents a \
-         WHERE a.state = 'connected' \
-           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.agent_id = a.id \
-                           AND j.state IN ('assigned', 'accepted', 'running', 'canceling')) \
-         ORDER BY a.last_assigned_at NULLS FIRST, a.id \
-         LIMIT $1 FOR UPDATE OF a SKIP LOCKED",
-    )
-    .bind(max_agents)
-    .fetch_all(&mut *conn)
-    .await?;
-    if agent_rows.is_empty() {
-        return Ok(Vec::new());
+    max_per_queue: i64,
+) -> Result<Round, StorageError> {
+    let rows = sqlx::query(CANDIDATES)
+        .bind(max_per_queue)
+        .fetch_all(&mut *conn)
+        .await?;
+    if rows.is_empty() {
+        return Ok(Round::default());
     }
-    let mut agents = Vec::with_capacity(agent_rows.len());
-    for r in &agent_rows {
-        agents.push(FreeAgent {
-            id: r.try_get("id")?,
-            org_id: r.try_get("org_id")?,
-            queues: r.try_get("queues")?,
-        });
-    }
-    // How many jobs each (org, queue) could take at most.
-    let mut wanted: HashMap<(Uuid, &str), i64> = HashMap::new();
-    for a in &agents {
-        for q in &a.queues {
-            *wanted.entry((a.org_id, q.as_str())).or_default() += 1;
-        }
-    }
-    let (mut orgs, mut queues, mut limits) = (Vec::new(), Vec::new(), Vec::new());
-    for ((org, queue), n) in &wanted {
-        orgs.push(*org);
-        queues.push(queue.to_string());
-        limits.push(*n);
-    }
-    let job_rows = sqlx::query(
-        "SELECT j.id, j.org_id, j.queue, j.priority, j.scheduled_at \
-         FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS q(org_id, queue, lim) \
-         CROSS JOIN LATERAL ( \
-             SELECT id, org_id, queue, priority, scheduled_at FROM jobs \
-             WHERE state = 'scheduled' AND org_id = q.org_id AND queue = q.queue \
-             ORDER BY priority DESC, scheduled_at, id \
-             LIMIT q.lim FOR UPDATE SKIP LOCKED) j",
-    )
-    .bind(&orgs)
-    .bind(&queues)
-    .bind(&limits)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut candidates = Vec::with_capacity(job_rows.len());
-    for r in &job_rows {
+    // Agents of each (org, queue), in the order they should be used.
+    let mut pair_index: HashMap<(Uuid, String), usize> = HashMap::new();
+    let mut pair_agents: Vec<Vec<Uuid>> = Vec::new();
+    let mut candidates = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let key: (Uuid, String) = (r.try_get("org_id")?, r.try_get("queue")?);
+        let pair = match pair_index.get(&key) {
+            Some(&i) => i,
+            None => {
+                pair_agents.push(r.try_get("agent_ids")?);
+                pair_index.insert(key, pair_agents.len() - 1);
+                pair_agents.len() - 1
+            }
+        };
         candidates.push(Candidate {
             id: r.try_get("id")?,
-            org_id: r.try_get("org_id")?,
-            queue: r.try_get("queue")?,
+            pair,
             priority: r.try_get("priority")?,
             scheduled_at: r.try_get("scheduled_at")?,
         });
     }
-    // Highest priority first, then oldest; a job locked twice through two queues of the
-    // same agent set appears once.
+    // Highest priority first, then oldest, across queues: an agent serving two queues
+    // takes the better job of the two.
     candidates.sort_by(|a, b| {
         b.priority
             .cmp(&a.priority)
             .then(a.scheduled_at.cmp(&b.scheduled_at))
             .then(a.id.cmp(&b.id))
     });
-    candidates.dedup_by_key(|c| c.id);
-    let mut taken = vec![false; agents.len()];
-    let mut out = Vec::new();
-    for job in candidates {
-        let pick = agents.iter().enumerate().position(|(i, a)| {
-            !taken[i] && a.org_id == job.org_id && a.queues.contains(&job.queue)
-        });
-        if let Some(i) = pick {
-            taken[i] = true;
-            out.push(Assignment {
-                job_id: job.id,
-                agent_id: agents[i].id,
-                scheduled_at: job.scheduled_at,
-            });
+    let mut taken: HashSet<Uuid> = HashSet::new();
+    let (mut job_ids, mut agent_ids) = (Vec::new(), Vec::new());
+    for job in &candidates {
+        if let Some(agent) = pair_agents[job.pair]
+            .iter()
+            .find(|a| !taken.contains(*a))
+            .copied()
+        {
+            taken.insert(agent);
+            job_ids.push(job.id);
+            agent_ids.push(agent);
         }
     }
-    if out.is_empty() {
-        return Ok(out);
+    if job_ids.is_empty() {
+        return Ok(Round::default());
     }
-    let job_ids: Vec<Uuid> = out.iter().map(|a| a.job_id).collect();
-    let agent_ids: Vec<Uuid> = out.iter().map(|a| a.agent_id).collect();
-    sqlx::query(
-        "UPDATE jobs SET state = 'assigned', agent_id = v.agent_id, assigned_at = now(), updated_at = now() \
-         FROM unnest($1::uuid[], $2::uuid[]) v(job_id, agent_id) \
-         WHERE jobs.id = v.job_id AND jobs.state = 'scheduled'",
-    )
+    // Lock only the chosen agents, skipping any another transaction holds (a heartbeat
+    // flush, a sweep, another dispatcher); their jobs stay runnable for the next round.
+    let jobs: Vec<JobView> = sqlx::query_as(&format!(
+        "WITH locked AS ( \
+             SELECT a.id FROM agents a WHERE a.id = ANY($2) AND a.state = 'connected' \
+               AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.agent_id = a.id \
+                               AND b.state IN ('assigned', 'accepted', 'running', 'canceling')) \
+             ORDER BY a.id FOR UPDATE OF a SKIP LOCKED), \
+         v AS (SELECT t.job_id, t.agent_id FROM unnest($1::uuid[], $2::uuid[]) AS t(job_id, agent_id) \
+               JOIN locked l ON l.id = t.agent_id), \
+         touched AS (UPDATE agents a SET last_assigned_at = now() FROM v WHERE a.id = v.agent_id) \
+         UPDATE jobs AS j SET state = 'assigned', agent_id = v.agent_id, assigned_at = now(), \
+                              updated_at = now() \
+         FROM v WHERE j.id = v.job_id AND j.state = 'scheduled' \
+         RETURNING {JOB_COLUMNS}"
+    ))
     .bind(&job_ids)
     .bind(&agent_ids)
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    sqlx::query("UPDATE agents SET last_assigned_at = now() WHERE id = ANY($1)")
-        .bind(&agent_ids)
-        .execute(&mut *conn)
-        .await?;
-    events::emit_for_jobs(conn, EventType::JobAssigned, &job_ids).await?;
-    sqlx::query(
-        "SELECT pg_notify($3, a::text || ' ' || j::text) FROM unnest($1::uuid[], $2::uuid[]) v(a, j)",
-    )
-    .bind(&agent_ids)
-    .bind(&job_ids)
-    .bind(channels::ASSIGNED)
-    .execute(&mut *conn)
-    .await?;
-    Ok(out)
+    let deferred = job_ids.len() - jobs.len();
+    if jobs.is_empty() {
+        return Ok(Round {
+            assigned: Vec::new(),
+            deferred,
+        });
+    }
+    let assigned = jobs
+        .iter()
+        .filter_map(|j| {
+            j.agent_id.map(|agent_id| Assignment {
+                job_id: j.id,
+                agent_id,
+                scheduled_at: j.scheduled_at,
+            })
+        })
+        .collect();
+    // No NOTIFY here: the caller sends `herald_assigned` and wakes the relay after
+    // commit (see `wake`).
+    events::emit_jobs(conn, EventType::JobAssigned, &jobs).await?;
+    Ok(Round { assigned, deferred })
 }
 
 /// Jobs currently assigned but not accepted, for a process that (re)starts listening

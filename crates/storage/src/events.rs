@@ -47,42 +47,105 @@ impl NewEvent {
 }
 
 /// Inserts the events in one statement and wakes the relay when the transaction commits.
+/// For rare paths; the hot path uses [`insert_quiet`] and a [`crate::wake::Waker`].
 pub async fn insert(conn: &mut PgConnection, events: Vec<NewEvent>) -> Result<(), sqlx::Error> {
+    insert_and_notify(conn, events, &[]).await
+}
+
+/// Inserts the events without `NOTIFY`: the caller wakes the relay after commit.
+pub async fn insert_quiet(
+    conn: &mut PgConnection,
+    events: Vec<NewEvent>,
+) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }
+    let rows = outbox_rows(events);
+    sqlx::query(
+        "INSERT INTO outbox (event_id, event_type, org_id, build_id, payload) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::jsonb[])",
+    )
+    .bind(&rows.ids)
+    .bind(&rows.types)
+    .bind(&rows.orgs)
+    .bind(&rows.builds)
+    .bind(&rows.payloads)
+    .execute(&mut *conn)
+    .await
+    .map(|_| ())
+}
+
+struct OutboxRows {
+    ids: Vec<Uuid>,
+    types: Vec<String>,
+    orgs: Vec<Uuid>,
+    builds: Vec<Option<Uuid>>,
+    payloads: Vec<serde_json::Value>,
+}
+
+fn outbox_rows(events: Vec<NewEvent>) -> OutboxRows {
     let now = Utc::now();
-    let mut ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut orgs = Vec::with_capacity(events.len());
-    let mut builds = Vec::with_capacity(events.len());
-    let mut payloads = Vec::with_capacity(events.len());
+    let mut r = OutboxRows {
+        ids: Vec::with_capacity(events.len()),
+        types: Vec::with_capacity(events.len()),
+        orgs: Vec::with_capacity(events.len()),
+        builds: Vec::with_capacity(events.len()),
+        payloads: Vec::with_capacity(events.len()),
+    };
     for e in events {
         let id = Uuid::now_v7();
-        payloads.push(json!({
+        r.payloads.push(json!({
             "id": id,
             "type": e.event_type.as_str(),
             "timestamp": now,
             "org_id": e.org_id,
             "data": e.data,
         }));
-        ids.push(id);
-        types.push(e.event_type.as_str().to_owned());
-        orgs.push(e.org_id);
-        builds.push(e.build_id);
+        r.ids.push(id);
+        r.types.push(e.event_type.as_str().to_owned());
+        r.orgs.push(e.org_id);
+        r.builds.push(e.build_id);
     }
+    r
+}
+
+/// Inserts the events and sends `notifies` (channel, payload) in one round trip; the
+/// relay is woken too when there are events. Notifications are delivered at commit.
+pub async fn insert_and_notify(
+    conn: &mut PgConnection,
+    events: Vec<NewEvent>,
+    notifies: &[(&str, String)],
+) -> Result<(), sqlx::Error> {
+    let mut channels_out = Vec::with_capacity(notifies.len() + 1);
+    let mut payloads_out = Vec::with_capacity(notifies.len() + 1);
+    if !events.is_empty() {
+        channels_out.push(channels::OUTBOX.to_owned());
+        payloads_out.push(String::new());
+    }
+    for (c, p) in notifies {
+        channels_out.push((*c).to_owned());
+        payloads_out.push(p.clone());
+    }
+    if channels_out.is_empty() {
+        return Ok(());
+    }
+    let rows = outbox_rows(events);
     sqlx::query(
-        "INSERT INTO outbox (event_id, event_type, org_id, build_id, payload) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::jsonb[])",
+        "WITH ins AS ( \
+             INSERT INTO outbox (event_id, event_type, org_id, build_id, payload) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::jsonb[])) \
+         SELECT pg_notify(c, p) FROM unnest($6::text[], $7::text[]) AS n(c, p)",
     )
-    .bind(&ids)
-    .bind(&types)
-    .bind(&orgs)
-    .bind(&builds)
-    .bind(&payloads)
+    .bind(&rows.ids)
+    .bind(&rows.types)
+    .bind(&rows.orgs)
+    .bind(&rows.builds)
+    .bind(&rows.payloads)
+    .bind(&channels_out)
+    .bind(&payloads_out)
     .execute(&mut *conn)
-    .await?;
-    notify(conn, channels::OUTBOX, "").await
+    .await
+    .map(|_| ())
 }
 
 pub async fn notify(
@@ -131,16 +194,40 @@ pub async fn emit_for_jobs(
         return Ok(Vec::new());
     }
     let jobs = load_jobs(conn, job_ids).await?;
-    let build_ids: Vec<Uuid> = jobs.iter().map(|j| j.build_id).collect();
+    let events = job_events(conn, event_type, &jobs).await?;
+    insert(conn, events).await?;
+    Ok(jobs)
+}
+
+/// Like [`emit_for_jobs`] for jobs the caller already holds (from `RETURNING`), on the
+/// hot path: no `NOTIFY`, the caller wakes the relay after commit.
+pub async fn emit_jobs(
+    conn: &mut PgConnection,
+    event_type: EventType,
+    jobs: &[JobView],
+) -> Result<(), sqlx::Error> {
+    let events = job_events(conn, event_type, jobs).await?;
+    insert_quiet(conn, events).await
+}
+
+async fn job_events(
+    conn: &mut PgConnection,
+    event_type: EventType,
+    jobs: &[JobView],
+) -> Result<Vec<NewEvent>, sqlx::Error> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut build_ids: Vec<Uuid> = jobs.iter().map(|j| j.build_id).collect();
+    build_ids.sort_unstable();
+    build_ids.dedup();
     let builds = load_builds(conn, &build_ids).await?;
-    let events = jobs
+    Ok(jobs
         .iter()
         .filter_map(|j| {
             builds
                 .get(&j.build_id)
                 .map(|b| NewEvent::job(event_type, b, j))
         })
-        .collect();
-    insert(conn, events).await?;
-    Ok(jobs)
+        .collect())
 }

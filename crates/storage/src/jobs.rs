@@ -4,7 +4,7 @@
 use crate::channels;
 use crate::error::StorageError;
 use crate::events;
-use crate::propagate::set_build_state;
+use crate::propagate::move_build_quiet;
 use crate::views::{JobView, JOB_COLUMNS};
 use herald_domain::{BuildState, EventType, JobAction, JobState};
 use sqlx::{PgConnection, Row};
@@ -33,30 +33,50 @@ pub async fn job_for_agent(
     .ok_or(StorageError::NotFound("job"))
 }
 
+/// What an agent's call did.
+#[derive(Debug)]
+pub struct Applied {
+    pub job: JobView,
+    /// Events were written: the caller wakes `herald_outbox` after commit.
+    pub wrote_events: bool,
+    /// The agent became free: the caller wakes `herald_dispatch` after commit.
+    pub freed_agent: bool,
+}
+
+/// Applies an agent's call in the caller's transaction. Sends no `NOTIFY`; see
+/// [`Applied`] for what the caller wakes after commit.
 pub async fn apply(
     conn: &mut PgConnection,
     agent_id: Uuid,
     job_id: Uuid,
     call: AgentCall,
-) -> Result<JobView, StorageError> {
-    let row = sqlx::query(
-        "SELECT j.build_id, b.state AS build_state FROM jobs j JOIN builds b ON b.id = j.build_id \
-         WHERE j.id = $1 AND j.agent_id = $2",
-    )
-    .bind(job_id)
-    .bind(agent_id)
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or(StorageError::NotFound("job"))?;
-    let build_id: Uuid = row.try_get("build_id")?;
-    let build_state: String = row.try_get("build_state")?;
+) -> Result<Applied, StorageError> {
+    let unchanged = |job| Applied {
+        job,
+        wrote_events: false,
+        freed_agent: false,
+    };
     // Lock order is build → job. Only the first accept of a build needs the build row.
-    let lock_build = matches!(call, AgentCall::Accept) && build_state == "scheduled";
-    if lock_build {
-        sqlx::query("SELECT 1 FROM builds WHERE id = $1 FOR UPDATE")
-            .bind(build_id)
-            .execute(&mut *conn)
-            .await?;
+    let mut lock_build = None;
+    if matches!(call, AgentCall::Accept) {
+        let row = sqlx::query(
+            "SELECT j.build_id, b.state AS build_state FROM jobs j JOIN builds b ON b.id = j.build_id \
+             WHERE j.id = $1 AND j.agent_id = $2",
+        )
+        .bind(job_id)
+        .bind(agent_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StorageError::NotFound("job"))?;
+        let build_state: String = row.try_get("build_state")?;
+        if build_state == "scheduled" {
+            let build_id: Uuid = row.try_get("build_id")?;
+            sqlx::query("SELECT 1 FROM builds WHERE id = $1 FOR UPDATE")
+                .bind(build_id)
+                .execute(&mut *conn)
+                .await?;
+            lock_build = Some(build_id);
+        }
     }
     let job: JobView = sqlx::query_as(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1 AND j.agent_id = $2 FOR UPDATE"
@@ -70,11 +90,11 @@ pub async fn apply(
 
     // Retries after a timeout are safe.
     match call {
-        AgentCall::Accept if job.accepted_at.is_some() => return Ok(job),
-        AgentCall::Start if job.started_at.is_some() => return Ok(job),
+        AgentCall::Accept if job.accepted_at.is_some() => return Ok(unchanged(job)),
+        AgentCall::Start if job.started_at.is_some() => return Ok(unchanged(job)),
         AgentCall::Finish { exit_status } if job.finished_at.is_some() => {
             return if job.exit_status == Some(exit_status) || state == JobState::Canceled {
-                Ok(job)
+                Ok(unchanged(job))
             } else {
                 Err(StorageError::Conflict(format!(
                     "job already finished with exit status {}",
@@ -90,43 +110,45 @@ pub async fn apply(
         AgentCall::Finish { exit_status } => JobAction::Finish { exit_status },
     };
     let next = state.transition(action)?;
+    let set = match call {
+        AgentCall::Accept => "state = 'accepted', accepted_at = now()",
+        AgentCall::Start => "state = 'running', started_at = now()",
+        AgentCall::Finish { .. } => "state = $3, exit_status = $4, finished_at = now()",
+    };
+    let sql = format!(
+        "UPDATE jobs AS j SET {set}, updated_at = now() WHERE j.id = $1 AND j.agent_id = $2 \
+         RETURNING {JOB_COLUMNS}"
+    );
+    let mut update = sqlx::query_as::<_, JobView>(&sql)
+        .bind(job_id)
+        .bind(agent_id);
+    if let AgentCall::Finish { exit_status } = call {
+        update = update.bind(next.as_str()).bind(exit_status);
+    }
+    let job = update.fetch_one(&mut *conn).await?;
+    let mut wrote_events = true;
     match call {
         AgentCall::Accept => {
-            sqlx::query(
-                "UPDATE jobs SET state = 'accepted', accepted_at = now(), updated_at = now() WHERE id = $1",
-            )
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
-            if lock_build {
-                set_build_state(conn, build_id, BuildState::Scheduled, BuildState::Running).await?;
-            }
+            wrote_events = match lock_build {
+                Some(build_id) => {
+                    move_build_quiet(conn, build_id, BuildState::Scheduled, BuildState::Running)
+                        .await?
+                }
+                None => false,
+            };
         }
         AgentCall::Start => {
-            sqlx::query(
-                "UPDATE jobs SET state = 'running', started_at = now(), updated_at = now() WHERE id = $1",
-            )
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
-            events::emit_for_jobs(conn, EventType::JobStarted, &[job_id]).await?;
+            events::emit_jobs(conn, EventType::JobStarted, std::slice::from_ref(&job)).await?;
         }
-        AgentCall::Finish { exit_status } => {
-            sqlx::query(
-                "UPDATE jobs SET state = $2, exit_status = $3, finished_at = now(), updated_at = now() \
-                 WHERE id = $1",
-            )
-            .bind(job_id)
-            .bind(next.as_str())
-            .bind(exit_status)
-            .execute(&mut *conn)
-            .await?;
-            events::emit_for_jobs(conn, EventType::JobFinished, &[job_id]).await?;
-            // The agent is free again.
-            events::notify(conn, channels::DISPATCH, "").await?;
+        AgentCall::Finish { .. } => {
+            events::emit_jobs(conn, EventType::JobFinished, std::slice::from_ref(&job)).await?;
         }
     }
-    job_for_agent(conn, agent_id, job_id).await
+    Ok(Applied {
+        job,
+        wrote_events,
+        freed_agent: matches!(call, AgentCall::Finish { .. }),
+    })
 }
 
 /// Assignments older than `timeout_s` go back to `scheduled`. Skips locked rows and

@@ -22,9 +22,11 @@ pub mod pool;
 pub mod propagate;
 pub mod tokens;
 pub mod views;
+pub mod wake;
 
 pub use error::StorageError;
 pub use pool::{connect_pool, PoolSettings, ReadRouter};
+pub use wake::Waker;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -18,10 +18,24 @@ pub async fn fetch_unpublished(
     conn: &mut PgConnection,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, StorageError> {
+    mark_and_fetch(conn, &[], limit).await
+}
+
+/// Marks `published` (confirmed by the broker) and reads the next batch, in one round
+/// trip. Both parts see one snapshot, so the rows just marked are excluded by id.
+pub async fn mark_and_fetch(
+    conn: &mut PgConnection,
+    published: &[i64],
+    limit: i64,
+) -> Result<Vec<OutboxRow>, StorageError> {
     let rows = sqlx::query(
-        "SELECT id, event_id, event_type, build_id, payload FROM outbox \
-         WHERE published_at IS NULL ORDER BY id LIMIT $1",
+        "WITH marked AS ( \
+             UPDATE outbox SET published_at = now() \
+             WHERE id = ANY($1) AND published_at IS NULL) \
+         SELECT id, event_id, event_type, build_id, payload FROM outbox \
+         WHERE published_at IS NULL AND id <> ALL($1) ORDER BY id LIMIT $2",
     )
+    .bind(published)
     .bind(limit)
     .fetch_all(conn)
     .await?;
@@ -36,16 +50,6 @@ pub async fn fetch_unpublished(
             })
         })
         .collect()
-}
-
-pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, StorageError> {
-    Ok(sqlx::query(
-        "UPDATE outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
-    )
-    .bind(ids)
-    .execute(conn)
-    .await?
-    .rows_affected())
 }
 
 pub async fn backlog(conn: &mut PgConnection) -> Result<(i64, Option<f64>), StorageError> {

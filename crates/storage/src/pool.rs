@@ -40,9 +40,10 @@ pub fn connect_pool(s: &PoolSettings) -> Result<PgPool, sqlx::Error> {
 
 /// Decides, per read, whether the replica may serve it.
 ///
-/// Read-your-writes: every write made through this process records the primary's WAL
-/// position after commit; a read uses the replica only once the replica has replayed
-/// that position, and the primary otherwise. Reads of a single row that the replica
+/// Read-your-writes: every write made through this process is counted after commit; the
+/// next read then asks the primary for its WAL position (once, however many writes came
+/// before it), and uses the replica only once the replica has replayed that position,
+/// the primary otherwise. Writes with no read after them cost no extra query. Reads of a single row that the replica
 /// does not have yet are retried on the primary by the caller. A replica that errors
 /// is skipped for a few seconds.
 #[derive(Clone)]
@@ -53,6 +54,9 @@ pub struct ReadRouter {
 struct RouterInner {
     primary: PgPool,
     replica: Option<PgPool>,
+    /// Writes noted so far, and how many of them `written_lsn` covers.
+    writes: AtomicU64,
+    writes_covered: AtomicU64,
     written_lsn: AtomicU64,
     replayed_lsn: AtomicU64,
     replica_down_until_ms: AtomicI64,
@@ -70,6 +74,8 @@ impl ReadRouter {
             inner: Arc::new(RouterInner {
                 primary,
                 replica,
+                writes: AtomicU64::new(0),
+                writes_covered: AtomicU64::new(0),
                 written_lsn: AtomicU64::new(0),
                 replayed_lsn: AtomicU64::new(0),
                 replica_down_until_ms: AtomicI64::new(0),
@@ -92,17 +98,33 @@ impl ReadRouter {
 
     /// Call after a write committed on the primary.
     pub async fn note_write(&self) {
-        if self.inner.replica.is_none() {
-            return;
+        if self.inner.replica.is_some() {
+            self.inner.writes.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Makes `written_lsn` cover every write noted before this call. Returns false when
+    /// the primary could not be asked (the caller then reads the primary).
+    async fn cover_writes(&self) -> bool {
+        let writes = self.inner.writes.load(Ordering::Acquire);
+        if self.inner.writes_covered.load(Ordering::Acquire) >= writes {
+            return true;
         }
         let lsn: Result<i64, _> =
             sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
                 .fetch_one(&self.inner.primary)
                 .await;
-        if let Ok(lsn) = lsn {
-            self.inner
-                .written_lsn
-                .fetch_max(u64::try_from(lsn).unwrap_or(0), Ordering::AcqRel);
+        match lsn {
+            Ok(lsn) => {
+                self.inner
+                    .written_lsn
+                    .fetch_max(u64::try_from(lsn).unwrap_or(0), Ordering::AcqRel);
+                self.inner
+                    .writes_covered
+                    .fetch_max(writes, Ordering::AcqRel);
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -124,6 +146,9 @@ impl ReadRouter {
             return primary;
         };
         if self.now_ms() < self.inner.replica_down_until_ms.load(Ordering::Acquire) {
+            return primary;
+        }
+        if !self.cover_writes().await {
             return primary;
         }
         let written = self.inner.written_lsn.load(Ordering::Acquire);

@@ -4,7 +4,7 @@
 
 use crate::error::StorageError;
 use crate::events::{self, NewEvent};
-use crate::{channels, views::BuildView};
+use crate::views::{BuildView, JobView, BUILD_COLUMNS, JOB_COLUMNS};
 use herald_domain::{
     derive_build_state, plan_propagation, BuildState, EventType, JobState, PropagationJob,
 };
@@ -16,10 +16,13 @@ use uuid::Uuid;
 pub enum Propagation {
     /// Another transaction holds the build: try again shortly, nothing was done.
     Busy,
+    /// Sends no `NOTIFY`: the caller wakes `herald_outbox` when `wrote_events` and
+    /// `herald_dispatch` when `scheduled > 0`, after commit.
     Done {
         scheduled: usize,
         skipped: usize,
         build_state: Option<BuildState>,
+        wrote_events: bool,
     },
 }
 
@@ -28,14 +31,14 @@ pub async fn propagate_build(
     build_id: Uuid,
 ) -> Result<Propagation, StorageError> {
     // Skip a locked build rather than queue behind it; the caller retries.
-    let Some(row) = sqlx::query(
-        "SELECT state, cancel_requested_at IS NOT NULL AS canceled FROM builds \
-         WHERE id = $1 FOR UPDATE SKIP LOCKED",
-    )
+    let locked: Option<BuildView> = sqlx::query_as(&format!(
+        "SELECT {BUILD_COLUMNS} FROM builds b JOIN pipelines p ON p.id = b.pipeline_id \
+         WHERE b.id = $1 FOR UPDATE OF b SKIP LOCKED"
+    ))
     .bind(build_id)
     .fetch_optional(&mut *conn)
-    .await?
-    else {
+    .await?;
+    let Some(build) = locked else {
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM builds WHERE id = $1)")
             .bind(build_id)
             .fetch_one(&mut *conn)
@@ -47,81 +50,135 @@ pub async fn propagate_build(
                 scheduled: 0,
                 skipped: 0,
                 build_state: None,
+                wrote_events: false,
             }
         });
     };
-    let build_state: String = row.try_get("state")?;
-    let build_state: BuildState = build_state.parse().map_err(StorageError::Conflict)?;
-    let cancel_requested: bool = row.try_get("canceled")?;
+    let build_state: BuildState = build.state.parse().map_err(StorageError::Conflict)?;
+    let cancel_requested = build.canceled;
 
-    let rows = sqlx::query("SELECT id, state FROM jobs WHERE build_id = $1 ORDER BY id")
-        .bind(build_id)
-        .fetch_all(&mut *conn)
-        .await?;
+    // Edges come from the jobs' own `depends_on` keys: one read for the whole graph.
+    let rows = sqlx::query(
+        "SELECT id, key, state, depends_on FROM jobs WHERE build_id = $1 ORDER BY position",
+    )
+    .bind(build_id)
+    .fetch_all(&mut *conn)
+    .await?;
     let mut ids = Vec::with_capacity(rows.len());
     let mut jobs = Vec::with_capacity(rows.len());
-    for r in &rows {
+    let mut deps: Vec<Vec<String>> = Vec::with_capacity(rows.len());
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
         let s: String = r.try_get("state")?;
+        let d: sqlx::types::Json<Vec<String>> = r.try_get("depends_on")?;
         ids.push(r.try_get::<Uuid, _>("id")?);
+        index.insert(r.try_get("key")?, i);
+        deps.push(d.0);
         jobs.push(PropagationJob {
             state: s.parse().map_err(StorageError::Conflict)?,
             depends_on: Vec::new(),
         });
     }
-    let index: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-    let edges = sqlx::query(
-        "SELECT d.job_id, d.depends_on_id FROM job_dependencies d \
-         JOIN jobs j ON j.id = d.job_id WHERE j.build_id = $1",
-    )
-    .bind(build_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    for e in &edges {
-        let (a, b): (Uuid, Uuid) = (e.try_get("job_id")?, e.try_get("depends_on_id")?);
-        if let (Some(&a), Some(&b)) = (index.get(&a), index.get(&b)) {
-            jobs[a].depends_on.push(b);
-        }
+    for (i, d) in deps.iter().enumerate() {
+        jobs[i].depends_on = d.iter().filter_map(|k| index.get(k).copied()).collect();
     }
 
     let plan = plan_propagation(&jobs);
-    let mut scheduled = Vec::new();
-    let mut skipped = Vec::new();
+    let mut changed_ids = Vec::with_capacity(plan.len());
+    let mut changed_states = Vec::with_capacity(plan.len());
     for &(i, state) in &plan {
         jobs[i].state = state;
-        if state == JobState::Scheduled {
-            scheduled.push(ids[i]);
-        } else {
-            skipped.push(ids[i]);
-        }
+        changed_ids.push(ids[i]);
+        changed_states.push(state.as_str());
     }
     // Only rows still waiting change: never write a row to the value it has.
-    sqlx::query(
-        "UPDATE jobs SET state = 'scheduled', scheduled_at = now(), updated_at = now() \
-         WHERE id = ANY($1) AND state = 'waiting'",
-    )
-    .bind(&scheduled)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE jobs SET state = 'skipped', finished_at = now(), updated_at = now() \
-         WHERE id = ANY($1) AND state = 'waiting'",
-    )
-    .bind(&skipped)
-    .execute(&mut *conn)
-    .await?;
-    events::emit_for_jobs(conn, EventType::JobScheduled, &scheduled).await?;
-    events::emit_for_jobs(conn, EventType::JobFinished, &skipped).await?;
+    let changed: Vec<JobView> = if changed_ids.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_as(&format!(
+            "UPDATE jobs AS j SET state = v.st, updated_at = now(), \
+                 scheduled_at = CASE WHEN v.st = 'scheduled' THEN now() ELSE j.scheduled_at END, \
+                 finished_at = CASE WHEN v.st = 'skipped' THEN now() ELSE j.finished_at END \
+             FROM unnest($1::uuid[], $2::text[]) AS v(id, st) \
+             WHERE j.id = v.id AND j.state = 'waiting' \
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(&changed_ids)
+        .bind(&changed_states)
+        .fetch_all(&mut *conn)
+        .await?
+    };
+    let mut events = Vec::with_capacity(changed.len() + 1);
+    let (mut scheduled, mut skipped) = (0, 0);
+    for j in &changed {
+        let event_type = if j.state == JobState::Scheduled.as_str() {
+            scheduled += 1;
+            EventType::JobScheduled
+        } else {
+            skipped += 1;
+            EventType::JobFinished
+        };
+        events.push(NewEvent::job(event_type, &build, j));
+    }
 
     let next = derive_build_state(build_state, cancel_requested, jobs.iter().map(|j| j.state));
-    let changed = set_build_state(conn, build_id, build_state, next).await?;
-    if !scheduled.is_empty() {
-        events::notify(conn, channels::DISPATCH, "").await?;
+    let moved = move_build(conn, build_id, build_state, next).await?;
+    if let Some(b) = &moved {
+        events.push(NewEvent::build(build_event(next), b));
     }
+    let wrote_events = !events.is_empty();
+    events::insert_quiet(conn, events).await?;
     Ok(Propagation::Done {
-        scheduled: scheduled.len(),
-        skipped: skipped.len(),
-        build_state: changed.then_some(next),
+        scheduled,
+        skipped,
+        build_state: moved.map(|_| next),
+        wrote_events,
     })
+}
+
+fn build_event(to: BuildState) -> EventType {
+    if to == BuildState::Running {
+        EventType::BuildRunning
+    } else {
+        EventType::BuildFinished
+    }
+}
+
+/// Moves a build from `from` to `to`, returning it as it is now; `None` when nothing
+/// changed. Emits nothing: the caller writes the event.
+async fn move_build(
+    conn: &mut PgConnection,
+    build_id: Uuid,
+    from: BuildState,
+    to: BuildState,
+) -> Result<Option<BuildView>, StorageError> {
+    if from == to || !from.can_become(to) {
+        return Ok(None);
+    }
+    Ok(sqlx::query_as(&format!(
+        "UPDATE builds AS b SET state = $2, updated_at = now(), \
+             started_at = CASE WHEN $2 = 'running' THEN coalesce(b.started_at, now()) ELSE b.started_at END, \
+             finished_at = CASE WHEN $2 IN ('passed', 'failed', 'canceled') THEN now() ELSE b.finished_at END \
+         FROM pipelines p \
+         WHERE b.id = $1 AND b.state = $3 AND p.id = b.pipeline_id \
+         RETURNING {BUILD_COLUMNS}"
+    ))
+    .bind(build_id)
+    .bind(to.as_str())
+    .bind(from.as_str())
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// Moves a build and writes its event without `NOTIFY` (the caller wakes the relay
+/// after commit). Returns whether it moved.
+pub(crate) async fn move_build_quiet(
+    conn: &mut PgConnection,
+    build_id: Uuid,
+    from: BuildState,
+    to: BuildState,
+) -> Result<bool, StorageError> {
+    move_and_emit(conn, build_id, from, to, false).await
 }
 
 /// Moves a build from `from` to `to` and emits its event; a no-op when they are equal.
@@ -131,32 +188,24 @@ pub async fn set_build_state(
     from: BuildState,
     to: BuildState,
 ) -> Result<bool, StorageError> {
-    if from == to || !from.can_become(to) {
+    move_and_emit(conn, build_id, from, to, true).await
+}
+
+async fn move_and_emit(
+    conn: &mut PgConnection,
+    build_id: Uuid,
+    from: BuildState,
+    to: BuildState,
+    notify: bool,
+) -> Result<bool, StorageError> {
+    let Some(build) = move_build(conn, build_id, from, to).await? else {
         return Ok(false);
-    }
-    let updated = sqlx::query(
-        "UPDATE builds SET state = $2, updated_at = now(), \
-             started_at = CASE WHEN $2 = 'running' THEN coalesce(started_at, now()) ELSE started_at END, \
-             finished_at = CASE WHEN $2 IN ('passed', 'failed', 'canceled') THEN now() ELSE finished_at END \
-         WHERE id = $1 AND state = $3",
-    )
-    .bind(build_id)
-    .bind(to.as_str())
-    .bind(from.as_str())
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if updated == 0 {
-        return Ok(false);
-    }
-    let builds = events::load_builds(conn, &[build_id]).await?;
-    if let Some(build) = builds.get(&build_id) {
-        let event_type = if to == BuildState::Running {
-            EventType::BuildRunning
-        } else {
-            EventType::BuildFinished
-        };
-        events::insert(conn, vec![NewEvent::build(event_type, build)]).await?;
+    };
+    let event = vec![NewEvent::build(build_event(to), &build)];
+    if notify {
+        events::insert(conn, event).await?;
+    } else {
+        events::insert_quiet(conn, event).await?;
     }
     Ok(true)
 }

@@ -9,7 +9,7 @@ use chrono::Utc;
 use herald_domain::QueueName;
 use herald_storage::jobs::{self, AgentCall};
 use herald_storage::views::JobView;
-use herald_storage::StorageError;
+use herald_storage::{channels, StorageError};
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
@@ -162,13 +162,19 @@ async fn call(
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_id(id, "job")?;
     let mut tx = state.router.primary().begin().await?;
-    let job = jobs::apply(&mut tx, agent, id, call).await?;
+    let applied = jobs::apply(&mut tx, agent, id, call).await?;
     tx.commit().await?;
+    if applied.wrote_events {
+        state.wake(&[channels::OUTBOX]);
+    }
+    if applied.freed_agent {
+        state.wake(&[channels::DISPATCH]);
+    }
     if matches!(call, AgentCall::Accept) {
         state.parked.clear(agent, id);
     }
     state.router.note_write().await;
-    Ok(Json(job))
+    Ok(Json(applied.job))
 }
 
 pub async fn accept(

@@ -8,7 +8,7 @@ use axum::Json;
 use herald_domain::{validate_jobs, Branch, BuildState, CommitSha, RawJob};
 use herald_storage::builds::{self, BuildFilter, NewBuild};
 use herald_storage::views::BuildView;
-use herald_storage::StorageError;
+use herald_storage::{channels, StorageError};
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -53,6 +53,7 @@ pub async fn create(
     )
     .await?;
     tx.commit().await?;
+    state.wake(&[channels::OUTBOX, channels::DISPATCH]);
     state.router.note_write().await;
     metrics::counter!("herald_builds_created_total").increment(1);
     Ok((StatusCode::CREATED, Json(build)))

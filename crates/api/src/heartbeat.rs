@@ -23,7 +23,7 @@ impl Heartbeats {
         now
     }
 
-    pub async fn flush(&self, pool: &PgPool) {
+    pub async fn flush(&self, pool: &PgPool, min_advance: Duration) {
         let beats: Vec<(Uuid, DateTime<Utc>)> = match self.pending.lock() {
             Ok(mut p) => p.drain().collect(),
             Err(_) => return,
@@ -33,7 +33,7 @@ impl Heartbeats {
         }
         let result = async {
             let mut conn = pool.acquire().await?;
-            herald_storage::agents::record_heartbeats(&mut conn, &beats).await
+            herald_storage::agents::record_heartbeats(&mut conn, &beats, min_advance).await
         }
         .await;
         if let Err(e) = result {
@@ -46,12 +46,18 @@ impl Heartbeats {
         }
     }
 
-    pub async fn run(&self, pool: PgPool, every: Duration, cancel: CancellationToken) {
+    pub async fn run(
+        &self,
+        pool: PgPool,
+        every: Duration,
+        min_advance: Duration,
+        cancel: CancellationToken,
+    ) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(every) => self.flush(&pool).await,
+                _ = tokio::time::sleep(every) => self.flush(&pool, min_advance).await,
                 _ = cancel.cancelled() => {
-                    self.flush(&pool).await;
+                    self.flush(&pool, min_advance).await;
                     return;
                 }
             }

@@ -39,6 +39,9 @@ pub struct ApiSettings {
     pub heartbeat_interval_s: u64,
     pub ping_wait_max_s: u64,
     pub heartbeat_flush: Duration,
+    /// A heartbeat is written only when it moves the stored one forward by this much:
+    /// agents that ping all the time do not rewrite their row at every flush.
+    pub heartbeat_min_advance: Duration,
 }
 
 /// A readiness check of something outside the process (the broker, say).
@@ -105,11 +108,13 @@ impl AppState {
         ));
         let heartbeats = self.heartbeats.clone();
         let every = self.settings.heartbeat_flush;
+        let min_advance = self.settings.heartbeat_min_advance;
         let cancel = cancel.clone();
         let (waker, sender) = Waker::spawn(pool.clone(), cancel.clone());
         // Only the first call's waker is kept; a second one would only send duplicates.
         let _ = self.waker.set(waker);
-        let flusher = tokio::spawn(async move { heartbeats.run(pool, every, cancel).await });
+        let flusher =
+            tokio::spawn(async move { heartbeats.run(pool, every, min_advance, cancel).await });
         vec![listener, flusher, sender]
     }
 }

@@ -28,4 +28,7 @@ pub struct MaintenanceSettings {
     pub interval_s: f64,
     pub outbox_retention_s: f64,
     pub expire_batch: i64,
+    /// Vacuum a hot table (jobs, agents, outbox, builds) once it has this many dead
+    /// rows; 0 leaves it all to autovacuum.
+    pub vacuum_min_dead_rows: i64,
 }

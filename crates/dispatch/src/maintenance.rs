@@ -1,5 +1,6 @@
 //! Single-instance sweeps, elected with a PostgreSQL advisory lock held by a dedicated
-//! session: the lost-agent sweep, the assignment-timeout sweep and outbox expiry. The
+//! session: the lost-agent sweep, the assignment-timeout sweep, outbox expiry and the
+//! vacuum of hot tables. The
 //! sweeps run on the leader's own session, so if that session dies the leader stops
 //! acting at once, and another process's blocked `pg_advisory_lock` returns.
 
@@ -77,9 +78,17 @@ pub async fn sweep(conn: &mut PgConnection, s: &SweepSettings) -> Result<(), Sto
         s.maintenance.expire_batch,
     )
     .await?;
+    let to_vacuum =
+        maintenance::tables_to_vacuum(&mut tx, s.maintenance.vacuum_min_dead_rows).await?;
     tx.commit().await?;
     if lost + expired > 0 || deleted > 0 {
         tracing::info!(lost, expired, deleted, "maintenance sweep");
+    }
+    for table in &to_vacuum {
+        let started = std::time::Instant::now();
+        maintenance::vacuum(conn, table).await?;
+        tracing::debug!(table, ms = started.elapsed().as_millis() as u64, "vacuumed");
+        metrics::counter!("herald_vacuums_total", "table" => table.clone()).increment(1);
     }
     metrics::counter!("herald_agents_lost_total").increment(lost as u64);
     metrics::counter!("herald_assignments_expired_total").increment(expired as u64);

@@ -157,6 +157,11 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
                 heartbeat_interval_s: cfg.agents.heartbeat_interval_s,
                 ping_wait_max_s: cfg.agents.ping_wait_max_s,
                 heartbeat_flush: Duration::from_secs_f64(cfg.agents.heartbeat_flush_s),
+                // A tenth of the time to loss, at most 10 s: a lost-agent sweep never
+                // mistakes a live agent for a lost one because of it.
+                heartbeat_min_advance: Duration::from_secs_f64(
+                    (cfg.agents.lost_after_s / 10.0).min(10.0),
+                ),
             },
             crate::telemetry::metrics(),
             vec![("broker", broker)],

@@ -439,3 +439,41 @@ async fn jobs_go_by_priority_then_age_and_each_queue_finds_its_agents() {
     app.stop().await;
     env.cleanup().await;
 }
+
+/// The maintenance leader vacuums a hot table once it has enough dead rows, so
+/// dispatch's index scans stay short where autovacuum is off (as on CI here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_maintenance_leader_vacuums_hot_tables_with_dead_rows() {
+    let env = TestEnv::new().await;
+    let mut app = env
+        .start(
+            "api,relay,dispatch,maintenance",
+            &[("HERALD_MAINTENANCE__VACUUM_MIN_DEAD_ROWS", "5")],
+        )
+        .await;
+    let (api, reg) = org(&app, "acme").await;
+    let (a, _) = agent(&app, &reg, "ci-0").await;
+    let jobs: Vec<_> = (0..5)
+        .map(|i| json!({"key": format!("j{i}"), "command": "true"}))
+        .collect();
+    let build = api
+        .create_build("web", &build_body(json!(jobs)))
+        .await
+        .expect("create");
+    for _ in 0..5 {
+        let job = a.ping(10).await.expect("ping").expect("a job");
+        a.run_job(job.id, 0, Duration::ZERO).await.expect("run");
+    }
+    let id = build["id"].as_str().expect("id").to_owned();
+    wait_build_state(&api, &id, "passed", T).await;
+    // Each job row was rewritten four times: its old versions are dead rows.
+    eventually(T, "a vacuum of jobs", || async {
+        let n = env
+            .count("SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'jobs'")
+            .await;
+        (n > 0).then_some(())
+    })
+    .await;
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -59,11 +59,13 @@ pub async fn auth(conn: &mut PgConnection, token: &str) -> Result<Option<AgentAu
     }))
 }
 
-/// Records many heartbeats in one statement. Only moves timestamps forward, so a
-/// repeated or late flush writes nothing.
+/// Records many heartbeats in one statement. Only moves timestamps forward, and only
+/// by at least `min_advance`, so a repeated or late flush writes nothing and a busy
+/// agent's row is not rewritten at every flush.
 pub async fn record_heartbeats(
     conn: &mut PgConnection,
     beats: &[(Uuid, DateTime<Utc>)],
+    min_advance: std::time::Duration,
 ) -> Result<u64, StorageError> {
     if beats.is_empty() {
         return Ok(0);
@@ -72,10 +74,12 @@ pub async fn record_heartbeats(
     Ok(sqlx::query(
         "UPDATE agents SET last_heartbeat_at = v.at \
          FROM unnest($1::uuid[], $2::timestamptz[]) v(id, at) \
-         WHERE agents.id = v.id AND agents.state = 'connected' AND agents.last_heartbeat_at < v.at",
+         WHERE agents.id = v.id AND agents.state = 'connected' \
+           AND agents.last_heartbeat_at < v.at - make_interval(secs => $3)",
     )
     .bind(&ids)
     .bind(&at)
+    .bind(min_advance.as_secs_f64())
     .execute(conn)
     .await?
     .rows_affected())

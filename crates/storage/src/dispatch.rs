@@ -37,9 +37,10 @@ struct Candidate {
 }
 
 /// Finds, for every (org, queue) that has runnable jobs, free agents serving it (least
-/// recently assigned first, read without locking) and locks up to that many of its
-/// runnable jobs. Demand-driven: the work is proportional to what can be assigned, not
-/// to the number of connected agents, and a queue never waits behind another's agents.
+/// recently assigned first, so an agent that never accepts does not get the same job
+/// back; read without locking) and locks up to that many of its runnable jobs. Demand-driven: a queue never waits behind another's agents. Busy
+/// agents are read once per round (one scan of the small `jobs_one_per_agent` index)
+/// and excluded by hash, not probed agent by agent.
 const CANDIDATES: &str = "\
 WITH RECURSIVE pairs AS ( \
     (SELECT org_id, queue FROM jobs WHERE state = 'scheduled' ORDER BY org_id, queue LIMIT 1) \
@@ -48,13 +49,15 @@ WITH RECURSIVE pairs AS ( \
         SELECT org_id, queue FROM jobs \
         WHERE state = 'scheduled' AND (org_id, queue) > (p.org_id, p.queue) \
         ORDER BY org_id, queue LIMIT 1) n \
+), busy AS MATERIALIZED ( \
+    SELECT agent_id FROM jobs \
+    WHERE state IN ('assigned', 'accepted', 'running', 'canceling') AND agent_id IS NOT NULL \
 ), cand AS MATERIALIZED ( \
     SELECT p.org_id, p.queue, ARRAY( \
         SELECT a.id FROM agents a \
         WHERE a.org_id = p.org_id AND a.state = 'connected' AND a.queues @> ARRAY[p.queue] \
-          AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.agent_id = a.id \
-                          AND b.state IN ('assigned', 'accepted', 'running', 'canceling')) \
-        ORDER BY a.last_assigned_at NULLS FIRST \
+          AND a.id NOT IN (SELECT agent_id FROM busy) \
+        ORDER BY a.last_assigned_at NULLS FIRST, a.id \
         LIMIT (SELECT count(*) FROM (SELECT 1 FROM jobs x WHERE x.state = 'scheduled' \
                                      AND x.org_id = p.org_id AND x.queue = p.queue LIMIT $1) c) \
     ) AS agent_ids \
@@ -130,8 +133,8 @@ pub async fn assign_round(
     let jobs: Vec<JobView> = sqlx::query_as(&format!(
         "WITH locked AS ( \
              SELECT a.id FROM agents a WHERE a.id = ANY($2) AND a.state = 'connected' \
-               AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.agent_id = a.id \
-                               AND b.state IN ('assigned', 'accepted', 'running', 'canceling')) \
+               AND a.id NOT IN (SELECT b.agent_id FROM jobs b WHERE b.agent_id IS NOT NULL \
+                                AND b.state IN ('assigned', 'accepted', 'running', 'canceling')) \
              ORDER BY a.id FOR UPDATE OF a SKIP LOCKED), \
          v AS (SELECT t.job_id, t.agent_id FROM unnest($1::uuid[], $2::uuid[]) AS t(job_id, agent_id) \
                JOIN locked l ON l.id = t.agent_id), \

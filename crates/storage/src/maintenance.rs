@@ -44,3 +44,39 @@ pub async fn release(conn: &mut PgConnection, key: i64) -> Result<(), StorageErr
         .await?;
     Ok(())
 }
+
+/// The tables every job passes through several times. Their dead rows lengthen the
+/// dispatcher's index scans until a vacuum removes them.
+pub const HOT_TABLES: &[&str] = &["agents", "builds", "jobs", "outbox"];
+
+/// Which hot tables have at least `min_dead` dead rows (statistics, no table scan).
+pub async fn tables_to_vacuum(
+    conn: &mut PgConnection,
+    min_dead: i64,
+) -> Result<Vec<String>, StorageError> {
+    if min_dead <= 0 {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query_scalar(
+        "SELECT relname::text FROM pg_stat_user_tables \
+         WHERE schemaname = current_schema() AND relname = ANY($1) AND n_dead_tup >= $2 \
+         ORDER BY relname",
+    )
+    .bind(HOT_TABLES)
+    .bind(min_dead)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// `VACUUM (ANALYZE)` of one hot table, outside any transaction. It takes no lock that
+/// blocks reads or writes.
+pub async fn vacuum(conn: &mut PgConnection, table: &str) -> Result<(), StorageError> {
+    let Some(table) = HOT_TABLES.iter().find(|t| **t == table) else {
+        return Err(StorageError::Conflict(format!(
+            "{table} is not a hot table"
+        )));
+    };
+    let sql = format!("VACUUM (ANALYZE) {table}");
+    sqlx::query(&sql).persistent(false).execute(conn).await?;
+    Ok(())
+}

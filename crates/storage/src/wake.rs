@@ -11,7 +11,7 @@
 //! A wake-up lost to a crash between commit and send costs latency, not correctness:
 //! every listener also polls as a backstop.
 
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::Notify;
@@ -30,7 +30,8 @@ struct Inner {
     signal: Notify,
 }
 
-/// Cheap to clone; sends from one background task per pool.
+/// Cheap to clone; sends from one background task with its own connection, opened
+/// with the pool's settings.
 #[derive(Clone)]
 pub struct Waker {
     inner: Arc<Inner>,
@@ -73,6 +74,7 @@ impl Waker {
 }
 
 async fn run(pool: PgPool, inner: Arc<Inner>, cancel: CancellationToken) {
+    let mut conn: Option<PgConnection> = None;
     loop {
         let stopping = tokio::select! {
             _ = inner.signal.notified() => false,
@@ -91,19 +93,33 @@ async fn run(pool: PgPool, inner: Arc<Inner>, cancel: CancellationToken) {
             payloads.push(p);
         }
         if !channels.is_empty() {
-            let sent = sqlx::query(
-                "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)",
-            )
-            .bind(&channels)
-            .bind(&payloads)
-            .execute(&pool)
-            .await;
+            // Its own connection: waiting in a busy pool's queue would delay every
+            // wake-up behind the work it is meant to speed up.
+            if conn.is_none() {
+                conn = PgConnection::connect_with(&pool.connect_options())
+                    .await
+                    .ok();
+            }
+            let sent = match conn.as_mut() {
+                Some(c) => sqlx::query(
+                    "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)",
+                )
+                .bind(&channels)
+                .bind(&payloads)
+                .execute(c)
+                .await
+                .map(|_| ()),
+                None => Err(sqlx::Error::PoolTimedOut),
+            };
             match sent {
-                Ok(_) => {
+                Ok(()) => {
                     metrics::counter!("herald_wakes_sent_total").increment(channels.len() as u64)
                 }
                 // The listeners' backstop polls pick the work up.
-                Err(e) => tracing::warn!(error = %e, n = channels.len(), "could not send wake-ups"),
+                Err(e) => {
+                    conn = None;
+                    tracing::warn!(error = %e, n = channels.len(), "could not send wake-ups");
+                }
             }
         }
         if stopping {

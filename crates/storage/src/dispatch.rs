@@ -57,7 +57,7 @@ WITH RECURSIVE pairs AS ( \
         SELECT a.id FROM agents a \
         WHERE a.org_id = p.org_id AND a.state = 'connected' AND a.queues @> ARRAY[p.queue] \
           AND a.id NOT IN (SELECT agent_id FROM busy) \
-        ORDER BY a.last_assigned_at NULLS FIRST, a.id \
+        ORDER BY a.last_assigned_at NULLS FIRST \
         LIMIT (SELECT count(*) FROM (SELECT 1 FROM jobs x WHERE x.state = 'scheduled' \
                                      AND x.org_id = p.org_id AND x.queue = p.queue LIMIT $1) c) \
     ) AS agent_ids \

@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# Runs the dispatch load test (issue 2) against a fresh Herald on this machine:
+# Runs a load test against a fresh Herald on this machine:
 #
 #   loadtest/run.sh [herald-loadtest arguments...]
 #   loadtest/run.sh --agents 50 --idle-seconds 10 --duration-s 15 --jobs-per-s 20   # smoke
-#   loadtest/run.sh --agents 1000 --jobs-per-s 100 --duration-s 60 --idle-seconds 30 # target
+#   loadtest/run.sh --agents 1000 --jobs-per-s 100 --duration-s 60 --idle-seconds 30 # issue 2
+#
+# Notification scenarios (issue 3; docs/BENCHMARKS.md has the exact commands):
+#
+#   loadtest/run.sh --scenario webhooks ...   # deliveries/s to local receivers, latency
+#   loadtest/run.sh --scenario storm ...      # dispatch p99 without, then during, a storm
+#   HERALD_NOTIFY__THROTTLE__ENABLED=false loadtest/run.sh --scenario storm ...
+#
+# Every HERALD_* variable of the caller's environment reaches `herald serve` (and the
+# load test, which reports the throttle setting); this script only adds the ones below.
+# The receivers listen on 127.0.0.x, so HERALD_WEBHOOKS__ALLOW_PRIVATE_NETWORKS=true.
 #
 # It builds the release binaries, recreates the database herald_loadtest on the
 # primary (it streams to the replica), runs `herald migrate`, starts `herald serve`
@@ -27,7 +37,9 @@
 #   HERALD_LOADTEST_DB        herald_loadtest                      database name
 #   HERALD_LOADTEST_LISTEN    127.0.0.1:18080                      Herald's API address
 #   HERALD_LOADTEST_OUT       /tmp/herald-loadtest                 server log, /metrics dump
-#   HERALD_LOADTEST_KEEP_QUEUES=1   keep the broker's loadtest.* queues of earlier runs
+#   HERALD_LOADTEST_KEEP_QUEUES=1   do not purge the broker's loadtest.* queues first
+#   HERALD_LOADTEST_NOTIFY_NICE=N   run the notify role in a second process at nice N
+#                                   (the first runs every other role)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -60,6 +72,9 @@ TARGET_DIR="$(cargo metadata --format-version 1 --no-deps \
     | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 BIN="${TARGET_DIR:-${CARGO_TARGET_DIR:-target}}/release"
 [[ -x "$BIN/herald" && -x "$BIN/herald-loadtest" ]] || die "release binaries not found in $BIN"
+# Write the build's dirty pages back now: left to the kernel, that writeback lands in
+# the measurement and PostgreSQL's WAL fsyncs queue behind it (COMMITs of 0.5-1 s).
+sync
 
 # --- fresh database -----------------------------------------------------------------
 log "recreating database ${DB}"
@@ -75,16 +90,18 @@ for _ in $(seq 1 60); do
 done
 psql -X -q -At "${REPLICA}/${DB}" -c 'SELECT 1' >/dev/null || die "database ${DB} did not appear on the replica"
 
-# --- broker: queues of earlier runs would feed the new server stale events ---------------
+# --- broker: messages left in the queues of an earlier run would feed the new server
+# events of a database that no longer exists. Purge (not delete: a queue being deleted
+# while the new server subscribes makes RabbitMQ close the connection).
 if [[ "${HERALD_LOADTEST_KEEP_QUEUES:-0}" != 1 ]] && command -v rabbitmqctl >/dev/null 2>&1; then
-    if queues="$(rabbitmqctl list_queues -q --no-table-headers name 2>/dev/null)"; then
-        while IFS= read -r q; do
-            [[ "$q" == loadtest.* ]] || continue
-            log "deleting broker queue ${q} of an earlier run"
-            rabbitmqctl delete_queue -q "$q" >/dev/null 2>&1 || log "warning: could not delete queue ${q}"
+    if queues="$(rabbitmqctl list_queues -q --no-table-headers name messages 2>/dev/null)"; then
+        while read -r q n; do
+            [[ "$q" == loadtest.* && "${n:-0}" != 0 ]] || continue
+            log "purging ${n} messages of an earlier run from broker queue ${q}"
+            rabbitmqctl purge_queue -q "$q" >/dev/null 2>&1 || log "warning: could not purge queue ${q}"
         done <<<"$queues"
     else
-        log "warning: rabbitmqctl list_queues failed; keeping the loadtest.* queues"
+        log "warning: rabbitmqctl list_queues failed; leaving the loadtest.* queues as they are"
     fi
 fi
 
@@ -96,29 +113,50 @@ export HERALD_AMQP__PREFIX=loadtest
 export HERALD_HTTP__LISTEN="$LISTEN"
 export HERALD_AUTH__ADMIN_TOKEN="$ADMIN_TOKEN"
 export HERALD_LOG__FILTER=warn
+# The load test's webhook receivers are on loopback addresses.
+export HERALD_WEBHOOKS__ALLOW_PRIVATE_NETWORKS=true
+log "Herald environment: $(env | grep -E '^HERALD_' | grep -v -E 'ADMIN_TOKEN|_URL=' | sort | tr '\n' ' ')"
 
 log "herald migrate"
 "$BIN/herald" migrate
 
 SERVER_LOG="${OUT}/herald-serve.log"
-log "herald serve (log: ${SERVER_LOG})"
-"$BIN/herald" serve >"$SERVER_LOG" 2>&1 &
+NOTIFY_PID=""
+if [[ -n "${HERALD_LOADTEST_NOTIFY_NICE:-}" ]]; then
+    [[ "$HERALD_LOADTEST_NOTIFY_NICE" =~ ^[0-9]+$ ]] || die "HERALD_LOADTEST_NOTIFY_NICE must be 0-19"
+    # The notify role in its own process at a lower CPU priority. It serves no HTTP,
+    # so its counters are not in the API process's /metrics.
+    log "herald serve --roles notify at nice ${HERALD_LOADTEST_NOTIFY_NICE} (log: ${OUT}/herald-notify.log)"
+    nice -n "$HERALD_LOADTEST_NOTIFY_NICE" "$BIN/herald" serve --roles notify >"${OUT}/herald-notify.log" 2>&1 &
+    NOTIFY_PID=$!
+    log "herald serve --roles api,relay,dispatch,maintenance (log: ${SERVER_LOG})"
+    "$BIN/herald" serve --roles api,relay,dispatch,maintenance >"$SERVER_LOG" 2>&1 &
+else
+    log "herald serve (log: ${SERVER_LOG})"
+    "$BIN/herald" serve >"$SERVER_LOG" 2>&1 &
+fi
 SERVER_PID=$!
 
-stop_server() {
-    if kill -0 "$SERVER_PID" 2>/dev/null; then
-        log "stopping herald serve (pid ${SERVER_PID}) with SIGTERM"
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
+stop_one() {
+    local pid="$1"
+    [[ -n "$pid" ]] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        log "stopping herald serve (pid ${pid}) with SIGTERM"
+        kill -TERM "$pid" 2>/dev/null || true
         for _ in $(seq 1 60); do
-            kill -0 "$SERVER_PID" 2>/dev/null || break
+            kill -0 "$pid" 2>/dev/null || break
             sleep 0.5
         done
-        if kill -0 "$SERVER_PID" 2>/dev/null; then
+        if kill -0 "$pid" 2>/dev/null; then
             log "warning: herald serve still running after 30 s; SIGKILL"
-            kill -KILL "$SERVER_PID" 2>/dev/null || true
+            kill -KILL "$pid" 2>/dev/null || true
         fi
     fi
-    wait "$SERVER_PID" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+stop_server() {
+    stop_one "$SERVER_PID"
+    stop_one "$NOTIFY_PID"
 }
 trap stop_server EXIT
 

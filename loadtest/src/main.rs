@@ -9,11 +9,14 @@
 //! It exits non-zero only when setup fails (org, pipeline, agents, database
 //! connection); missed targets are reported, not turned into an exit status.
 
+mod notify;
+
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use herald_client::{Client, Method, PingJob};
+use notify::{Receivers, Scenario};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -69,6 +72,13 @@ struct Args {
     /// Seconds to let every agent park before measuring the idle phase.
     #[arg(long, default_value_t = 5.0)]
     idle_warmup_s: f64,
+    /// Minimum seconds between the end of setup and the first pg_stat_database read.
+    /// PostgreSQL backends flush their transaction counts lazily: an idle backend can
+    /// hold them for up to 10 s (PGSTAT_IDLE_INTERVAL). Reading sooner counts the
+    /// setup burst (registrations, first authentications) as idle traffic. The idle
+    /// window opens after max(--idle-warmup-s, --stats-settle-s).
+    #[arg(long, default_value_t = 12.0)]
+    stats_settle_s: f64,
     /// Length of the idle measurement window, seconds (0 skips the idle phase).
     #[arg(long, default_value_t = 30.0)]
     idle_seconds: f64,
@@ -102,6 +112,8 @@ struct Args {
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 5.0)]
     progress_s: f64,
+    #[command(flatten)]
+    notify: notify::NotifyArgs,
 }
 
 // ---------------------------------------------------------------------------------
@@ -231,6 +243,12 @@ struct Shared {
     hist: Mutex<Histogram<u64>>,
     /// Samples since the last progress line.
     window: Mutex<Histogram<u64>>,
+    /// The same samples split: jobs scheduled by the build's creation, and jobs
+    /// scheduled later by propagation (a dependency passed).
+    hist_roots: Mutex<Histogram<u64>>,
+    hist_dependents: Mutex<Histogram<u64>>,
+    /// Client-side HTTP round trips during the load phase, microseconds.
+    api: Mutex<HashMap<&'static str, Histogram<u64>>>,
     /// Jobs handed to an agent (any phase).
     dispatched: AtomicU64,
     /// Handed out while the load phase had not started (there should be none).
@@ -266,6 +284,9 @@ impl Shared {
             busy: AtomicUsize::new(0),
             hist: Mutex::new(new_hist()),
             window: Mutex::new(new_hist()),
+            hist_roots: Mutex::new(new_hist()),
+            hist_dependents: Mutex::new(new_hist()),
+            api: Mutex::new(HashMap::new()),
             dispatched: AtomicU64::new(0),
             dispatched_before_load: AtomicU64::new(0),
             duplicate: AtomicU64::new(0),
@@ -310,6 +331,30 @@ impl Shared {
         let us = (us as u64).max(1);
         self.hist.lock().unwrap().saturating_record(us);
         self.window.lock().unwrap().saturating_record(us);
+        let k: Option<usize> = job.key.strip_prefix('j').and_then(|k| k.parse().ok());
+        let dependent = k.is_some_and(|k| k >= roots(self.args.jobs_per_build));
+        let split = if dependent {
+            &self.hist_dependents
+        } else {
+            &self.hist_roots
+        };
+        split.lock().unwrap().saturating_record(us);
+    }
+
+    /// Times `f` as API call `what`, when the load phase is on.
+    async fn timed<T>(&self, what: &'static str, f: impl std::future::Future<Output = T>) -> T {
+        let started = Instant::now();
+        let r = f.await;
+        if self.load_start_us.load(Ordering::Relaxed) != 0 {
+            let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.api
+                .lock()
+                .unwrap()
+                .entry(what)
+                .or_insert_with(new_hist)
+                .saturating_record(us.max(1));
+        }
+        r
     }
 }
 
@@ -322,11 +367,12 @@ fn quantiles(h: &Histogram<u64>) -> String {
         return "no samples".into();
     }
     format!(
-        "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms (n={})",
+        "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, mean {:.2} ms (n={})",
         ms(h.value_at_quantile(0.5)),
         ms(h.value_at_quantile(0.99)),
         ms(h.value_at_quantile(0.999)),
         ms(h.max()),
+        h.mean() / 1000.0,
         h.len()
     )
 }
@@ -360,11 +406,17 @@ async fn agent_loop(agent: Client, sh: Arc<Shared>) {
 
 async fn run_job(agent: &Client, sh: &Shared, job: &PingJob, rng: &mut StdRng) {
     let a = &sh.args;
-    if let Err(e) = agent.job_call(job.id, "accept", None).await {
+    if let Err(e) = sh
+        .timed("accept", agent.job_call(job.id, "accept", None))
+        .await
+    {
         sh.errors.record(&sh.errors.accept, "accept", &e);
         return;
     }
-    if let Err(e) = agent.job_call(job.id, "start", None).await {
+    if let Err(e) = sh
+        .timed("start", agent.job_call(job.id, "start", None))
+        .await
+    {
         sh.errors.record(&sh.errors.start, "start", &e);
         return;
     }
@@ -375,8 +427,9 @@ async fn run_job(agent: &Client, sh: &Shared, job: &PingJob, rng: &mut StdRng) {
     let work = rng.gen_range(lo..=hi);
     tokio::time::sleep(Duration::from_millis(work)).await;
     let exit_status = i32::from(rng.gen_bool(a.fail_rate.clamp(0.0, 1.0)));
-    match agent
-        .job_call(job.id, "finish", Some(&json!({"exit_status": exit_status})))
+    let body = json!({"exit_status": exit_status});
+    match sh
+        .timed("finish", agent.job_call(job.id, "finish", Some(&body)))
         .await
     {
         Ok(_) if exit_status == 0 => {
@@ -448,12 +501,17 @@ fn random_commit(rng: &mut StdRng) -> String {
         .collect()
 }
 
+/// How many of a build's `n` jobs have no dependency.
+fn roots(n: usize) -> usize {
+    let n = n.clamp(1, 500);
+    (n.div_ceil(5) * 3).clamp(1, n)
+}
+
 /// A build of `n` jobs: the first ~60 % independent, each other job depending on one
 /// of those (job k on job k - roots).
 fn build_body(n: usize, queue: &str, rng: &mut StdRng) -> Value {
     let n = n.clamp(1, 500);
-    let roots = n.div_ceil(5) * 3;
-    let roots = roots.clamp(1, n);
+    let roots = roots(n);
     let jobs: Vec<Value> = (0..n)
         .map(|k| {
             let deps: Vec<String> = if k >= roots {
@@ -532,7 +590,10 @@ async fn create_builds(api: Client, pipeline: String, sh: Arc<Shared>, deadline:
         let (api, pipeline, sh2) = (api.clone(), pipeline.clone(), sh.clone());
         inflight.spawn(async move {
             let _permit = permit;
-            match api.create_build(&pipeline, &body).await {
+            match sh2
+                .timed("create build", api.create_build(&pipeline, &body))
+                .await
+            {
                 Ok(b) => {
                     let jobs = created_jobs(&b);
                     sh2.builds_created.fetch_add(1, Ordering::Relaxed);
@@ -595,21 +656,35 @@ struct IdleResult {
 
 async fn idle_phase(
     sh: &Arc<Shared>,
-    mut primary: Option<TxProbe>,
-    mut replica: Option<TxProbe>,
+    primary: &mut Option<TxProbe>,
+    replica: &mut Option<TxProbe>,
 ) -> Result<IdleResult> {
     let a = &sh.args;
+    let wait = a.idle_warmup_s.max(a.stats_settle_s).max(0.0);
     println!(
-        "[idle] warm-up {:.0} s, then measuring {:.0} s with every agent long-polling (wait={} s)",
-        a.idle_warmup_s, a.idle_seconds, a.ping_wait
+        "[idle] warm-up {wait:.0} s (agents park; PostgreSQL flushes the setup's statistics), \
+         then measuring {:.0} s with every agent long-polling (wait={} s)",
+        a.idle_seconds, a.ping_wait
     );
-    tokio::time::sleep(Duration::from_secs_f64(a.idle_warmup_s.max(0.0))).await;
+    // A read now and one at the end of the warm-up show how much setup traffic was
+    // still unflushed: what a too-short warm-up would have counted as idle.
+    let before_warmup = match primary.as_mut() {
+        Some(p) => Some(p.read().await?),
+        None => None,
+    };
+    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
     let mut parked_min = sh.parked.load(Ordering::Relaxed);
     let mut parked_max = parked_min;
     let p0 = match primary.as_mut() {
         Some(p) => Some(p.read().await?),
         None => None,
     };
+    if let Some((b, p)) = before_warmup.zip(p0) {
+        println!(
+            "[idle] {} primary transactions counted during the {wait:.0} s warm-up (setup traffic flushed late)",
+            (p - b - 1).max(0)
+        );
+    }
     let r0 = match replica.as_mut() {
         Some(p) => Some(p.read().await?),
         None => None,
@@ -843,19 +918,31 @@ struct LoadResult {
     builds: u64,
     jobs: u64,
     hist: Histogram<u64>,
+    hist_roots: Histogram<u64>,
+    hist_dependents: Histogram<u64>,
+    api: Vec<(&'static str, Histogram<u64>)>,
     undispatched: usize,
     skipped: u64,
+    /// Primary transactions during the load window: (count, per second).
+    tx_load: Option<(i64, f64)>,
     drained: bool,
     metrics: Vec<String>,
 }
 
-async fn load_phase(sh: &Arc<Shared>, api: &Client, plain: &Client, pipeline: &str) -> LoadResult {
+async fn load_phase(
+    sh: &Arc<Shared>,
+    api: &Client,
+    plain: &Client,
+    pipeline: &str,
+    mut primary: Option<&mut TxProbe>,
+    seconds: f64,
+) -> LoadResult {
     let a = &sh.args;
     let metrics_before = scrape(plain).await;
     let per_build = a.jobs_per_build.clamp(1, 500);
     println!(
         "[load] {:.0} s at {} jobs/s ({:.2} builds/s of {} jobs), jobs sleep {}-{} ms, fail rate {}",
-        a.duration_s,
+        seconds,
         a.jobs_per_s,
         a.jobs_per_s / per_build as f64,
         per_build,
@@ -863,10 +950,15 @@ async fn load_phase(sh: &Arc<Shared>, api: &Client, plain: &Client, pipeline: &s
         a.job_max_ms,
         a.fail_rate
     );
+    let tx_before = match primary.as_mut() {
+        Some(p) => p.read().await.ok(),
+        None => None,
+    };
+    let mut tx_load = None;
     let dispatched_before = sh.dispatched.load(Ordering::Relaxed);
     sh.load_start_us.store(now_us(), Ordering::Relaxed);
     let started = Instant::now();
-    let deadline = started + Duration::from_secs_f64(a.duration_s.max(0.0));
+    let deadline = started + Duration::from_secs_f64(seconds.max(0.0));
     let creator = tokio::spawn(create_builds(
         api.clone(),
         pipeline.to_owned(),
@@ -884,6 +976,12 @@ async fn load_phase(sh: &Arc<Shared>, api: &Client, plain: &Client, pipeline: &s
         let now = Instant::now();
         if dispatched_in_window.is_none() && now >= deadline {
             dispatched_in_window = Some(sh.dispatched.load(Ordering::Relaxed) - dispatched_before);
+            if let (Some(p), Some(b)) = (primary.as_mut(), tx_before) {
+                if let Ok(a) = p.read().await {
+                    let n = (a - b - 1).max(0);
+                    tx_load = Some((n, n as f64 / started.elapsed().as_secs_f64()));
+                }
+            }
         }
         if now >= deadline && creator.is_finished() {
             let undispatched = sh.tracker.lock().unwrap().pending.len();
@@ -940,17 +1038,358 @@ async fn load_phase(sh: &Arc<Shared>, api: &Client, plain: &Client, pipeline: &s
         (t.pending.len(), t.skipped)
     };
     LoadResult {
-        seconds: a.duration_s,
+        seconds,
         dispatched_in_window: dispatched_in_window
             .unwrap_or_else(|| sh.dispatched.load(Ordering::Relaxed) - dispatched_before),
         builds: sh.builds_created.load(Ordering::Relaxed),
         jobs: sh.jobs_created.load(Ordering::Relaxed),
         hist: sh.hist.lock().unwrap().clone(),
+        hist_roots: sh.hist_roots.lock().unwrap().clone(),
+        hist_dependents: sh.hist_dependents.lock().unwrap().clone(),
+        api: {
+            let api = sh.api.lock().unwrap();
+            ["create build", "accept", "start", "finish"]
+                .iter()
+                .filter_map(|k| api.get(k).map(|h| (*k, h.clone())))
+                .collect()
+        },
         undispatched,
         skipped,
         drained,
+        tx_load,
         metrics: server_report(metrics_before.as_deref(), metrics_after.as_deref()),
     }
+}
+
+// ---------------------------------------------------------------------------------
+// Notification scenarios (issue 3).
+
+impl Shared {
+    /// Forgets the samples and counts of an earlier load phase.
+    fn reset_samples(&self) {
+        for h in [
+            &self.hist,
+            &self.window,
+            &self.hist_roots,
+            &self.hist_dependents,
+        ] {
+            h.lock().unwrap().reset();
+        }
+        self.api.lock().unwrap().clear();
+        for c in [
+            &self.passed,
+            &self.failed,
+            &self.builds_created,
+            &self.jobs_created,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+fn latest(samples: &Mutex<Vec<notify::HeraldSample>>) -> Option<notify::HeraldSample> {
+    samples.lock().unwrap().last().copied()
+}
+
+/// Waits until every delivery Herald created has reached a receiver at least once
+/// (fast endpoints only matter here: failing ones are reached on their first attempt).
+async fn notify_drain(
+    r: &Receivers,
+    samples: &Mutex<Vec<notify::HeraldSample>>,
+    limit: Duration,
+) -> (f64, bool) {
+    let started = Instant::now();
+    loop {
+        // The monitor refreshes the samples every second.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let created = latest(samples).map_or(0.0, |s| s.created);
+        let got = r.first.load(Ordering::Relaxed) as f64;
+        if got >= created && created > 0.0 {
+            return (started.elapsed().as_secs_f64(), true);
+        }
+        if started.elapsed() >= limit {
+            return (started.elapsed().as_secs_f64(), false);
+        }
+    }
+}
+
+/// The broker and PostgreSQL backlogs, from GET /v1/ops/queues (once, at the end: it
+/// counts rows).
+async fn queues_line(admin: &Client) -> String {
+    match admin.expect(Method::GET, "/v1/ops/queues", None, 200).await {
+        Ok(v) => v
+            .get("items")
+            .and_then(Value::as_array)
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|q| {
+                        let name = q.get("name")?.as_str()?;
+                        let depth = q.get("depth")?.as_i64()?;
+                        (depth > 0 || name.contains("webhook")).then(|| format!("{name} {depth}"))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default(),
+        Err(e) => format!("GET /v1/ops/queues failed: {e}"),
+    }
+}
+
+fn throttle_env() -> String {
+    match std::env::var("HERALD_NOTIFY__THROTTLE__ENABLED") {
+        Ok(v) if v.eq_ignore_ascii_case("false") || v == "0" => "off".into(),
+        Ok(v) => format!("on (HERALD_NOTIFY__THROTTLE__ENABLED={v})"),
+        Err(_) => "on (default)".into(),
+    }
+}
+
+/// What the receivers saw, and Herald's counters, over `[t0, t0 + seconds)`.
+fn receiver_lines(
+    r: &Receivers,
+    samples: &[notify::HeraldSample],
+    t0: Instant,
+    seconds: f64,
+    warmup_s: f64,
+    builds: u64,
+) -> (Vec<String>, Option<f64>) {
+    let mut out = Vec::new();
+    let s0 = r.second(t0);
+    let w0 = s0 + warmup_s.max(0.0).round() as usize;
+    let w1 = s0 + seconds.max(0.0).floor() as usize;
+    let origin_s = |sec: usize| sec as f64;
+    let created_phase = match (
+        notify::nearest(samples, origin_s(s0)),
+        notify::nearest(samples, origin_s(w1)),
+    ) {
+        (Some(a), Some(b)) => Some(b.created - a.created),
+        _ => None,
+    };
+    let created_window = match (
+        notify::nearest(samples, origin_s(w0)),
+        notify::nearest(samples, origin_s(w1)),
+    ) {
+        (Some(a), Some(b)) if b.at_s > a.at_s => Some((b.created - a.created) / (b.at_s - a.at_s)),
+        _ => None,
+    };
+    if let Some(c) = created_phase {
+        out.push(format!(
+            "notify: created       {c:.0} deliveries during the phase (herald_notify_deliveries_created_total), {} per build; {}/s in the rate window",
+            if builds > 0 { format!("{:.1}", c / builds as f64) } else { "?".into() },
+            created_window.map_or("?".into(), |c| format!("{c:.0}"))
+        ));
+    }
+    let rate = (w1 > w0).then(|| r.received_between(w0, w1) as f64 / (w1 - w0) as f64);
+    match rate {
+        Some(rate) => {
+            let (lo, hi) = r.window_rates(w0, w1, 5).unwrap_or((rate, rate));
+            out.push(format!(
+                "notify: delivered     {rate:.0}/s sustained over seconds {}-{} of the phase ({} distinct webhook-ids first received); 5 s windows: min {lo:.0}/s, max {hi:.0}/s",
+                w0 - s0,
+                w1 - s0,
+                r.received_between(w0, w1)
+            ));
+        }
+        None => out.push("notify: delivered     phase shorter than the rate warm-up".into()),
+    }
+    let slots: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|s| s.at_s >= origin_s(s0) && s.at_s <= origin_s(w1))
+        .filter_map(|s| s.throttle_factor.zip(s.webhook_concurrency))
+        .collect();
+    if !slots.is_empty() {
+        let min_f = slots.iter().map(|x| x.0).fold(f64::INFINITY, f64::min);
+        let mean_f = slots.iter().map(|x| x.0).sum::<f64>() / slots.len() as f64;
+        let min_c = slots.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
+        out.push(format!(
+            "notify: throttle      factor mean {mean_f:.2}, min {min_f:.2}; webhook slots min {min_c:.0} (herald gauges, 1 s samples)"
+        ));
+    }
+    (out, rate)
+}
+
+fn receiver_totals(r: &Receivers) -> Vec<String> {
+    let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    vec![
+        format!(
+            "notify: requests      {} (valid signature {}, invalid {}, of which stale/future timestamp {}); repeated webhook-ids {} (retries after 500)",
+            l(&r.requests),
+            l(&r.valid),
+            l(&r.invalid),
+            l(&r.stale_or_future),
+            l(&r.repeats)
+        ),
+        format!(
+            "notify: duplicates    {} webhook-ids received again after a 2xx; {} events reaching one endpoint under two webhook-ids",
+            l(&r.dup_after_ok),
+            l(&r.dup_event)
+        ),
+        format!(
+            "notify latency        {}",
+            quantiles(&r.hist.lock().unwrap())
+        ),
+        "                      (event's timestamp -> receiver got the request; first receipt of each webhook-id; this machine's clock)".into(),
+        format!(
+            "  fast receivers      {}",
+            quantiles(&r.hist_fast.lock().unwrap())
+        ),
+        format!(
+            "  anomalies           without timestamp {}, negative latency {}",
+            l(&r.no_timestamp),
+            l(&r.negative)
+        ),
+    ]
+}
+
+async fn notify_scenario(
+    sh: &Arc<Shared>,
+    api: &Client,
+    plain: &Client,
+    admin: &Client,
+    pipeline: &str,
+    mut primary: Option<&mut TxProbe>,
+    setup_s: f64,
+) -> Result<String> {
+    let a = &sh.args;
+    let na = &a.notify;
+    let r = Receivers::start(na).await?;
+    let pats: Vec<&str> = r.endpoints.iter().map(|e| e.pattern.as_str()).collect();
+    let per_build = notify::notifications_per_build(&pats, a.jobs_per_build.clamp(1, 500));
+    let count = |b| r.endpoints.iter().filter(|e| e.behaviour == b).count();
+    let hosts: Vec<String> = r.hosts.iter().map(ToString::to_string).collect();
+    let mut distinct: Vec<&str> = pats.clone();
+    distinct.dedup();
+    let layout = format!(
+        "notify: endpoints     {} on {} receivers ({}); {} fast, {} answer after {} ms, {} answer 500; events {} (round-robin); {per_build} notifications per build expected",
+        r.endpoints.len(),
+        hosts.len(),
+        hosts.join(" "),
+        count(notify::Behaviour::Fast),
+        count(notify::Behaviour::Slow),
+        na.slow_ms,
+        count(notify::Behaviour::Fail),
+        na.patterns().join(",")
+    );
+    println!("[notify] {}", layout.trim_start_matches("notify: "));
+    println!("[notify] throttle {}", throttle_env());
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let mon = tokio::spawn(notify::monitor(
+        r.clone(),
+        plain.clone(),
+        a.progress_s,
+        stop.clone(),
+        samples.clone(),
+    ));
+    let mut report = NotifyReport::default();
+    report.lines.push(layout);
+    report
+        .lines
+        .push(format!("notify: throttle      {}", throttle_env()));
+
+    let text = match na.scenario {
+        Scenario::Storm => {
+            let base_s = na.baseline_s.unwrap_or(a.duration_s);
+            println!("[storm] baseline: {base_s:.0} s of dispatch load, no webhooks");
+            let base = load_phase(sh, api, plain, pipeline, primary.as_deref_mut(), base_s).await;
+            sh.reset_samples();
+            r.create_webhooks(api).await?;
+            println!(
+                "[storm] {} webhooks created; storm: {:.0} s of the same dispatch load",
+                r.endpoints.len(),
+                a.duration_s
+            );
+            // Let every process drop its cached subscriptions.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            r.measuring.store(true, Ordering::Relaxed);
+            let t0 = Instant::now();
+            let storm = load_phase(sh, api, plain, pipeline, primary, a.duration_s).await;
+            let (lines, _) = receiver_lines(
+                &r,
+                &samples.lock().unwrap(),
+                t0,
+                a.duration_s,
+                na.rate_warmup_s,
+                storm.builds,
+            );
+            report.lines.extend(lines);
+            report.lines.extend(receiver_totals(&r));
+            report.lines.push(format!(
+                "notify: backlog       at the end: {}",
+                queues_line(admin).await
+            ));
+            if let (false, false) = (base.hist.is_empty(), storm.hist.is_empty()) {
+                let (b, st) = (
+                    ms(base.hist.value_at_quantile(0.99)),
+                    ms(storm.hist.value_at_quantile(0.99)),
+                );
+                let ratio = st / b;
+                report.lines.push(format!(
+                    "isolation             dispatch p99 storm {st:.2} ms / baseline {b:.2} ms = {ratio:.2} (throttle {})",
+                    throttle_env()
+                ));
+                let on = !throttle_env().starts_with("off");
+                report.targets.push(format!(
+                    "isolation ratio {ratio:.2} <= {} with throttle {}: {}",
+                    notify::TARGET_ISOLATION_RATIO,
+                    if on { "on" } else { "off" },
+                    if on {
+                        met(ratio <= notify::TARGET_ISOLATION_RATIO)
+                    } else {
+                        "(the target applies with the throttle on; reference run)"
+                    }
+                ));
+            }
+            stop.store(true, Ordering::Relaxed);
+            let _ = mon.await;
+            summary(
+                sh,
+                setup_s,
+                None,
+                &[("baseline", &base), ("storm", &storm)],
+                &report,
+            )
+        }
+        _ => {
+            r.create_webhooks(api).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            r.measuring.store(true, Ordering::Relaxed);
+            let t0 = Instant::now();
+            let load = load_phase(sh, api, plain, pipeline, primary, a.duration_s).await;
+            let (drain_s, drained) = notify_drain(
+                &r,
+                &samples,
+                Duration::from_secs_f64(na.notify_drain_s.max(0.0)),
+            )
+            .await;
+            stop.store(true, Ordering::Relaxed);
+            let _ = mon.await;
+            let all = samples.lock().unwrap().clone();
+            let (lines, rate) =
+                receiver_lines(&r, &all, t0, a.duration_s, na.rate_warmup_s, load.builds);
+            report.lines.extend(lines);
+            let created = all.last().map_or(0.0, |s| s.created);
+            report.lines.push(format!(
+                "notify: after drain   {} of {created:.0} created deliveries received ({}, {drain_s:.0} s)",
+                r.first.load(Ordering::Relaxed),
+                if drained { "drained" } else { "NOT drained" }
+            ));
+            report.lines.extend(receiver_totals(&r));
+            report.lines.push(format!(
+                "notify: backlog       at the end: {}",
+                queues_line(admin).await
+            ));
+            if let Some(rate) = rate {
+                report.targets.push(format!(
+                    "webhook deliveries {rate:.0}/s >= {}/s sustained: {}",
+                    notify::TARGET_DELIVERIES_PER_S,
+                    met(rate >= notify::TARGET_DELIVERIES_PER_S)
+                ));
+            }
+            summary(sh, setup_s, None, &[("", &load)], &report)
+        }
+    };
+    Ok(text)
 }
 
 // ---------------------------------------------------------------------------------
@@ -963,11 +1402,20 @@ fn met(ok: bool) -> &'static str {
     }
 }
 
+/// Extra lines and target lines of the notification scenarios.
+#[derive(Default)]
+struct NotifyReport {
+    lines: Vec<String>,
+    targets: Vec<String>,
+}
+
+/// `loads`: one unlabelled load phase (the dispatch scenario), or labelled phases.
 fn summary(
     sh: &Shared,
     setup_s: f64,
     idle: Option<&IdleResult>,
-    load: Option<&LoadResult>,
+    loads: &[(&str, &LoadResult)],
+    report: &NotifyReport,
 ) -> String {
     let a = &sh.args;
     let mut s = String::new();
@@ -1009,7 +1457,10 @@ fn summary(
             );
         }
     }
-    if let Some(l) = load {
+    for (label, l) in loads {
+        if !label.is_empty() {
+            let _ = writeln!(s, "--- {label} phase ---");
+        }
         let per_build = a.jobs_per_build.clamp(1, 500);
         let _ = writeln!(
             s,
@@ -1037,11 +1488,24 @@ fn summary(
             sh.passed.load(Ordering::Relaxed),
             sh.failed.load(Ordering::Relaxed)
         );
+        if let Some((n, r)) = l.tx_load {
+            let _ = writeln!(
+                s,
+                "load: primary tx/s    {r:.0} ({n} transactions; {:.1} per dispatched job)",
+                n as f64 / (l.dispatched_in_window.max(1) as f64)
+            );
+        }
         let _ = writeln!(s, "dispatch latency      {}", quantiles(&l.hist));
         let _ = writeln!(
             s,
             "                      (ping returned - job scheduled_at, this machine's clock)"
         );
+        let _ = writeln!(s, "  jobs without deps   {}", quantiles(&l.hist_roots));
+        let _ = writeln!(s, "  dependent jobs      {}", quantiles(&l.hist_dependents));
+        let _ = writeln!(s, "API round trips (client side, load phase):");
+        for (what, h) in &l.api {
+            let _ = writeln!(s, "  {what:<19} {}", quantiles(h));
+        }
         let _ = writeln!(
             s,
             "not dispatched        {} jobs {} ({:.0} s drain)",
@@ -1067,17 +1531,26 @@ fn summary(
     for e in sh.errors.last.lock().unwrap().iter() {
         let _ = writeln!(s, "  e.g. {e}");
     }
-    if let Some(l) = load {
-        let _ = writeln!(s, "herald /metrics over the load phase (bucket bounds):");
+    for (label, l) in loads {
+        let phase = if label.is_empty() { "load" } else { label };
+        let _ = writeln!(s, "herald /metrics over the {phase} phase (bucket bounds):");
         for m in &l.metrics {
             let _ = writeln!(s, "  {m}");
         }
     }
+    for line in &report.lines {
+        let _ = writeln!(s, "{line}");
+    }
     let mut targets = Vec::new();
-    if let Some(l) = load.filter(|l| !l.hist.is_empty()) {
+    for (label, l) in loads.iter().filter(|(_, l)| !l.hist.is_empty()) {
         let p99 = ms(l.hist.value_at_quantile(0.99));
+        let label = if label.is_empty() {
+            String::new()
+        } else {
+            format!(" ({label})")
+        };
         targets.push(format!(
-            "dispatch p99 {p99:.2} ms <= {TARGET_P99_MS} ms: {}",
+            "dispatch p99{label} {p99:.2} ms <= {TARGET_P99_MS} ms: {}",
             met(p99 <= TARGET_P99_MS)
         ));
     }
@@ -1088,6 +1561,7 @@ fn summary(
             met(r <= TARGET_IDLE_TX_PER_S)
         ));
     }
+    targets.extend(report.targets.iter().cloned());
     for t in targets {
         let _ = writeln!(s, "target                {t}");
     }
@@ -1104,11 +1578,11 @@ async fn run(args: Args) -> Result<()> {
     let admin = plain.with_token(args.admin_token.clone());
 
     // Database probes first, so their own connection start-up is long flushed.
-    let primary = match &args.db_url {
+    let mut primary = match &args.db_url {
         Some(u) => Some(TxProbe::connect(u, "primary").await?),
         None => None,
     };
-    let replica = match &args.replica_db_url {
+    let mut replica = match &args.replica_db_url {
         Some(u) => Some(TxProbe::connect(u, "replica").await?),
         None => None,
     };
@@ -1149,22 +1623,53 @@ async fn run(args: Args) -> Result<()> {
         args.agents
     );
 
-    let idle = if args.idle_seconds > 0.0 {
-        Some(idle_phase(&sh, primary, replica).await?)
+    let text = if args.notify.scenario == Scenario::Dispatch {
+        let idle = if args.idle_seconds > 0.0 {
+            Some(idle_phase(&sh, &mut primary, &mut replica).await?)
+        } else {
+            None
+        };
+        let load = if args.duration_s > 0.0 {
+            Some(
+                load_phase(
+                    &sh,
+                    &api,
+                    &plain,
+                    pipeline,
+                    primary.as_mut(),
+                    args.duration_s,
+                )
+                .await,
+            )
+        } else {
+            None
+        };
+        let loads: Vec<(&str, &LoadResult)> = load.iter().map(|l| ("", l)).collect();
+        summary(
+            &sh,
+            setup_s,
+            idle.as_ref(),
+            &loads,
+            &NotifyReport::default(),
+        )
     } else {
-        None
-    };
-    let load = if args.duration_s > 0.0 {
-        Some(load_phase(&sh, &api, &plain, pipeline).await)
-    } else {
-        None
+        notify_scenario(
+            &sh,
+            &api,
+            &plain,
+            &admin,
+            pipeline,
+            primary.as_mut(),
+            setup_s,
+        )
+        .await?
     };
     sh.stop.store(true, Ordering::Relaxed);
     println!(
         "\n=== herald-loadtest summary (total {:.0} s) ===",
         wall.elapsed().as_secs_f64()
     );
-    print!("{}", summary(&sh, setup_s, idle.as_ref(), load.as_ref()));
+    print!("{text}");
     // Parked long polls are simply dropped with the runtime.
     agents.abort_all();
     Ok(())

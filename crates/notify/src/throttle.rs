@@ -75,9 +75,14 @@ async fn sample(n: &Notifier, dispatch: Option<&DispatchHealth>) -> Health {
         query_latency = Some(q.elapsed());
         lock_waiters = u32::try_from(waiters.unwrap_or(0)).unwrap_or(u32::MAX);
     }
+    // The wait for a connection of this (notify's own) pool says how busy
+    // notifications are, not how healthy dispatch is: backing off on it made the
+    // throttle chase its own load. Dispatch's pool wait is inside its round time.
+    metrics::histogram!("herald_db_pool_acquire_seconds", "pool" => "notify")
+        .record(acquire.as_secs_f64());
     Health {
         dispatch_p99: dispatch.and_then(|f| f()),
-        db_acquire_wait: Some(acquire),
+        db_acquire_wait: None,
         query_latency,
         lock_waiters,
     }

@@ -46,10 +46,15 @@ impl NewEvent {
     }
 }
 
-/// Inserts the events in one statement and wakes the relay when the transaction commits.
+/// Inserts the events and wakes the relay when the transaction commits (an in-transaction
+/// `NOTIFY`).
 /// For rare paths; the hot path uses [`insert_quiet`] and a [`crate::wake::Waker`].
 pub async fn insert(conn: &mut PgConnection, events: Vec<NewEvent>) -> Result<(), sqlx::Error> {
-    insert_and_notify(conn, events, &[]).await
+    if events.is_empty() {
+        return Ok(());
+    }
+    insert_quiet(conn, events).await?;
+    notify(conn, channels::OUTBOX, "").await
 }
 
 /// Inserts the events without `NOTIFY`: the caller wakes the relay after commit.
@@ -107,45 +112,6 @@ fn outbox_rows(events: Vec<NewEvent>) -> OutboxRows {
         r.builds.push(e.build_id);
     }
     r
-}
-
-/// Inserts the events and sends `notifies` (channel, payload) in one round trip; the
-/// relay is woken too when there are events. Notifications are delivered at commit.
-pub async fn insert_and_notify(
-    conn: &mut PgConnection,
-    events: Vec<NewEvent>,
-    notifies: &[(&str, String)],
-) -> Result<(), sqlx::Error> {
-    let mut channels_out = Vec::with_capacity(notifies.len() + 1);
-    let mut payloads_out = Vec::with_capacity(notifies.len() + 1);
-    if !events.is_empty() {
-        channels_out.push(channels::OUTBOX.to_owned());
-        payloads_out.push(String::new());
-    }
-    for (c, p) in notifies {
-        channels_out.push((*c).to_owned());
-        payloads_out.push(p.clone());
-    }
-    if channels_out.is_empty() {
-        return Ok(());
-    }
-    let rows = outbox_rows(events);
-    sqlx::query(
-        "WITH ins AS ( \
-             INSERT INTO outbox (event_id, event_type, org_id, build_id, payload) \
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::jsonb[])) \
-         SELECT pg_notify(c, p) FROM unnest($6::text[], $7::text[]) AS n(c, p)",
-    )
-    .bind(&rows.ids)
-    .bind(&rows.types)
-    .bind(&rows.orgs)
-    .bind(&rows.builds)
-    .bind(&rows.payloads)
-    .bind(&channels_out)
-    .bind(&payloads_out)
-    .execute(&mut *conn)
-    .await
-    .map(|_| ())
 }
 
 pub async fn notify(

@@ -713,6 +713,10 @@ async fn commit_statuses_coalesce_respect_rate_limits_and_never_regress() {
             ["pending", "success", "failure", "error"].contains(&v["state"].as_str().unwrap_or(""))
         );
     }
+    // One send per status at a time: no version goes out twice.
+    for pair in statuses.windows(2) {
+        assert_ne!(pair[0], pair[1], "a status was sent twice in a row");
+    }
     // Never back: once a build's status is final, no pending follows for that build.
     let mut finals: HashSet<String> = HashSet::new();
     let mut order: HashMap<String, usize> = HashMap::new();
@@ -792,4 +796,104 @@ async fn killing_the_notify_worker_mid_batch_loses_no_delivery() {
     kill9(&mut notify);
     app.stop().await;
     env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_at_a_time_sends_a_commit_status_and_newer_versions_come_due() {
+    use herald_storage::notify as store;
+    let env = TestEnv::new().await;
+    let mut app = env.start("api", &[PRIVATE_OK]).await;
+    let (api, _) = org(&app, "acme").await;
+    let (s, g) = call(
+        &api,
+        Method::PUT,
+        "/v1/pipelines/web/github",
+        Some(json!({"api_url": "http://127.0.0.1:9", "token": "ghp_test"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{g}");
+    let (org_id, pipeline_id): (uuid::Uuid, uuid::Uuid) =
+        sqlx::query_as("SELECT org_id, id FROM pipelines WHERE slug = 'web'")
+            .fetch_one(&env.pool)
+            .await
+            .expect("pipeline");
+    let want = |build: uuid::Uuid, state: &str, rank: i16| store::WantedStatus {
+        repository: "acme/web".into(),
+        sha: SHA.into(),
+        context: "herald/web".into(),
+        org_id,
+        pipeline_id,
+        build_id: build,
+        state: state.into(),
+        rank,
+        description: format!("build is {state}"),
+        target_url: format!("https://ci.example/{build}"),
+    };
+    let mut conn = env.pool.acquire().await.expect("conn");
+    let lease = Duration::from_secs(30);
+    let build = uuid::Uuid::now_v7();
+    assert!(
+        store::want_status(&mut conn, &want(build, "pending", 0), false, false)
+            .await
+            .expect("want")
+    );
+    let first = claim(&mut conn, lease)
+        .await
+        .expect("claim")
+        .expect("claimable");
+    assert_eq!((first.state.as_str(), first.version), ("pending", 1));
+    assert!(
+        claim(&mut conn, lease).await.expect("claim").is_none(),
+        "a second worker must not send while the first one is"
+    );
+    // The final state arrives while the pending one is in flight.
+    assert!(
+        store::want_status(&mut conn, &want(build, "success", 1), false, false)
+            .await
+            .expect("want")
+    );
+    assert!(claim(&mut conn, lease).await.expect("claim").is_none());
+    store::status_result(
+        &mut conn,
+        &first,
+        store::StatusResult {
+            status: "succeeded",
+            sent: true,
+            attempted: true,
+            code: Some(201),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("result");
+    let due = store::due_statuses(&mut conn, 10).await.expect("due");
+    assert_eq!(due.len(), 1, "the newer version is due at once");
+    let second = claim(&mut conn, lease)
+        .await
+        .expect("claim")
+        .expect("claimable");
+    assert_eq!(
+        (second.state.as_str(), second.version, second.sent_version),
+        ("success", 2, 1)
+    );
+    // A claim whose worker died expires and can be taken again.
+    sqlx::query("UPDATE commit_statuses SET sending_until = now() - interval '1 second'")
+        .execute(&mut *conn)
+        .await
+        .expect("expire");
+    let third = claim(&mut conn, lease)
+        .await
+        .expect("claim")
+        .expect("expired claims are free");
+    assert_eq!(third.version, 2);
+    drop(conn);
+    app.stop().await;
+    env.cleanup().await;
+}
+
+async fn claim(
+    conn: &mut sqlx::PgConnection,
+    lease: Duration,
+) -> Result<Option<herald_storage::notify::StatusWork>, herald_storage::StorageError> {
+    herald_storage::notify::claim_status(conn, "acme/web", SHA, "herald/web", lease).await
 }

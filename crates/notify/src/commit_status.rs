@@ -171,6 +171,7 @@ type TokenLimiter = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultC
 /// Sends commit statuses and keeps each token within its budget. `Send + Sync`; share it
 /// behind an `Arc`.
 pub struct GithubClient {
+    timeout: Duration,
     http: reqwest::Client,
     budgets: TokenLimiter,
     /// Token key → the instant GitHub told us to wait for.
@@ -221,10 +222,16 @@ impl GithubClient {
             .build()
             .map_err(|e| format!("cannot build the GitHub HTTP client: {e}"))?;
         Ok(GithubClient {
+            timeout: settings.timeout,
             http,
             budgets: RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst)),
             blocked: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The whole-request timeout: no send outlives it.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     fn blocks(&self) -> MutexGuard<'_, HashMap<String, Instant>> {

@@ -277,14 +277,17 @@ async fn status_attempt(n: &Notifier, m: &StatusMsg) -> Result<(), herald_storag
         )
         .await;
     }
-    // The newest wanted state, read after waiting: what arrived meanwhile coalesces here.
-    let Some(w) = load().await? else {
-        return Ok(());
+    // Claim the newest wanted state, read after waiting: what arrived meanwhile
+    // coalesces here, and no other worker sends this status until the claim ends.
+    let claimed = {
+        let mut conn = n.pool.acquire().await?;
+        let lease = n.github.timeout() * 2 + Duration::from_secs(5);
+        store::claim_status(&mut conn, &m.repository, &m.sha, &m.context, lease).await?
     };
-    if w.version <= w.sent_version {
+    let Some(w) = claimed else {
         metrics::counter!("herald_github_coalesced_total").increment(1);
         return Ok(());
-    }
+    };
     let req = crate::commit_status::StatusRequest {
         api_url: w.api_url.clone(),
         token: w.token.clone(),

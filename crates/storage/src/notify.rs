@@ -670,27 +670,12 @@ pub struct StatusWork {
     pub attempts: i32,
     pub api_url: String,
     pub token: String,
+    /// Set when this worker holds the send claim (see [`claim_status`]).
+    pub lease: Option<DateTime<Utc>>,
 }
 
-pub async fn status_work(
-    conn: &mut PgConnection,
-    repository: &str,
-    sha: &str,
-    context: &str,
-) -> Result<Option<StatusWork>, StorageError> {
-    let r = sqlx::query(
-        "SELECT c.repository, c.sha, c.context, c.state, c.description, c.target_url, c.version, c.sent_version, \
-                c.attempts, g.api_url, g.token \
-         FROM commit_statuses c JOIN github_integrations g ON g.pipeline_id = c.pipeline_id \
-         WHERE c.repository = $1 AND c.sha = $2 AND c.context = $3",
-    )
-    .bind(repository)
-    .bind(sha)
-    .bind(context)
-    .fetch_optional(conn)
-    .await?;
-    let Some(r) = r else { return Ok(None) };
-    Ok(Some(StatusWork {
+fn status_work_from(r: &sqlx::postgres::PgRow) -> Result<StatusWork, StorageError> {
+    Ok(StatusWork {
         repository: r.try_get("repository")?,
         sha: r.try_get("sha")?,
         context: r.try_get("context")?,
@@ -702,7 +687,51 @@ pub async fn status_work(
         attempts: r.try_get("attempts")?,
         api_url: r.try_get("api_url")?,
         token: r.try_get("token")?,
-    }))
+        lease: r.try_get("sending_until")?,
+    })
+}
+
+pub async fn status_work(
+    conn: &mut PgConnection,
+    repository: &str,
+    sha: &str,
+    context: &str,
+) -> Result<Option<StatusWork>, StorageError> {
+    let r = sqlx::query(
+        "SELECT c.repository, c.sha, c.context, c.state, c.description, c.target_url, c.version, c.sent_version, \
+                c.attempts, NULL::timestamptz AS sending_until, g.api_url, g.token \
+         FROM commit_statuses c JOIN github_integrations g ON g.pipeline_id = c.pipeline_id \
+         WHERE c.repository = $1 AND c.sha = $2 AND c.context = $3",
+    )
+    .bind(repository)
+    .bind(sha)
+    .bind(context)
+    .fetch_optional(conn)
+    .await?;
+    r.as_ref().map(status_work_from).transpose()
+}
+
+/// Claims the newest unsent version for one send. None when nothing is unsent, or when
+/// another worker holds the claim: that worker's [`status_result`] sees any newer
+/// version and schedules it at once, so dropping here loses nothing. A claim that
+/// outlives a dead worker expires, and `next_attempt_at` brings the row back then.
+pub async fn claim_status(
+    conn: &mut PgConnection,
+    repository: &str,
+    sha: &str,
+    context: &str,
+    lease: std::time::Duration,
+) -> Result<Option<StatusWork>, StorageError> {
+    let r = sqlx::query(
+        "UPDATE commit_statuses c             SET sending_until = now() + $4 * interval '1 millisecond',                 next_attempt_at = now() + $4 * interval '1 millisecond'          FROM github_integrations g          WHERE g.pipeline_id = c.pipeline_id AND c.repository = $1 AND c.sha = $2 AND c.context = $3            AND c.version > c.sent_version AND (c.sending_until IS NULL OR c.sending_until < now())          RETURNING c.repository, c.sha, c.context, c.state, c.description, c.target_url, c.version,                    c.sent_version, c.attempts, c.sending_until, g.api_url, g.token",
+    )
+    .bind(repository)
+    .bind(sha)
+    .bind(context)
+    .bind(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2))
+    .fetch_optional(conn)
+    .await?;
+    r.as_ref().map(status_work_from).transpose()
 }
 
 /// Records the outcome of sending `version`. `sent` marks it delivered; otherwise the
@@ -732,13 +761,18 @@ pub async fn status_result(
         code,
         error,
     } = r;
-    sqlx::query(
+    // A newer version that arrived during a claimed send was dropped by its worker
+    // (the claim was taken); it is due now.
+    let due: Option<bool> = sqlx::query_scalar(
         "UPDATE commit_statuses SET \
              sent_version = CASE WHEN $5 THEN greatest(sent_version, $4) ELSE sent_version END, \
              status = CASE WHEN version > $4 AND $5 THEN 'pending' ELSE $6 END, \
              attempts = CASE WHEN $5 THEN 0 WHEN $7 THEN attempts + 1 ELSE attempts END, \
-             next_attempt_at = $8, last_status_code = coalesce($9, last_status_code), last_error = $10, updated_at = now() \
-         WHERE repository = $1 AND sha = $2 AND context = $3",
+             next_attempt_at = CASE WHEN $5 AND version > $4 AND $11::timestamptz IS NOT NULL THEN now() ELSE $8 END, \
+             sending_until = CASE WHEN sending_until IS NOT DISTINCT FROM $11 THEN NULL ELSE sending_until END, \
+             last_status_code = coalesce($9, last_status_code), last_error = $10, updated_at = now() \
+         WHERE repository = $1 AND sha = $2 AND context = $3 \
+         RETURNING next_attempt_at IS NOT NULL",
     )
     .bind(&w.repository)
     .bind(&w.sha)
@@ -750,9 +784,10 @@ pub async fn status_result(
     .bind(next_attempt_at)
     .bind(code)
     .bind(error)
-    .execute(&mut *conn)
+    .bind(w.lease)
+    .fetch_optional(&mut *conn)
     .await?;
-    if next_attempt_at.is_some() {
+    if due == Some(true) {
         events::notify(conn, channels::DUE, "").await?;
     }
     Ok(())

@@ -20,11 +20,17 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let listener = tokio::spawn(listen(pool.clone(), wake.clone(), cancel.clone()));
     let backstop = Duration::from_secs_f64(settings.backstop_poll_s.max(0.1));
+    let mut report = HealthReport::default();
     tracing::info!("dispatcher started");
     loop {
         let mut more = true;
         while more && !cancel.is_cancelled() {
-            more = match round(&pool, &waker, settings.batch_agents).await {
+            let since = report.round_started();
+            let outcome = round(&pool, &waker, settings.batch_agents, since).await;
+            if let Ok(r) = &outcome {
+                report.record(r.latency, &waker);
+            }
+            more = match outcome {
                 Ok(r) if r.assigned == 0 && r.deferred > 0 => {
                     // Only agents someone else held briefly: look again in a moment
                     // rather than spin on them.
@@ -57,6 +63,42 @@ pub async fn run(
 pub struct RoundOutcome {
     pub assigned: usize,
     pub deferred: usize,
+    /// The longest runnable → committed time among the jobs this round assigned that
+    /// became runnable after the previous round began. Older jobs waited for an agent,
+    /// which says nothing about dispatch's own health.
+    pub latency: Option<Duration>,
+}
+
+/// How often a busy dispatcher tells other processes its latency.
+const HEALTH_EVERY: Duration = Duration::from_millis(250);
+
+/// Sends the worst recent assignment latency on [`channels::HEALTH`] at most every
+/// [`HEALTH_EVERY`], and only while rounds assign jobs: an idle dispatcher sends nothing.
+#[derive(Default)]
+struct HealthReport {
+    previous_start: Option<chrono::DateTime<chrono::Utc>>,
+    worst: Option<Duration>,
+    sent_at: Option<Instant>,
+}
+
+impl HealthReport {
+    /// Called as a round begins; returns when the previous one began.
+    fn round_started(&mut self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.previous_start.replace(chrono::Utc::now())
+    }
+
+    fn record(&mut self, latency: Option<Duration>, waker: &Waker) {
+        if let Some(l) = latency {
+            self.worst = Some(self.worst.map_or(l, |w| w.max(l)));
+        }
+        let due = self.sent_at.is_none_or(|t| t.elapsed() >= HEALTH_EVERY);
+        if let (true, Some(worst)) = (due, self.worst) {
+            health::observe_latency(worst);
+            waker.send(channels::HEALTH, worst.as_micros().to_string());
+            self.worst = None;
+            self.sent_at = Some(Instant::now());
+        }
+    }
 }
 
 /// One transaction. After commit it tells the parked pings (in any process) and wakes
@@ -65,6 +107,7 @@ pub async fn round(
     pool: &PgPool,
     waker: &Waker,
     batch_agents: i64,
+    fresh_since: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<RoundOutcome, StorageError> {
     let started = Instant::now();
     let mut tx = pool.begin().await?;
@@ -78,6 +121,7 @@ pub async fn round(
             return Ok(RoundOutcome {
                 assigned: 0,
                 deferred: 1,
+                latency: None,
             });
         }
         Err(e) => return Err(e),
@@ -91,10 +135,14 @@ pub async fn round(
         waker.wake(channels::OUTBOX);
     }
     let now = chrono::Utc::now();
+    let mut latency: Option<Duration> = None;
     for a in &assigned {
         if let Some(at) = a.scheduled_at {
-            let s = (now - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-            metrics::histogram!("herald_dispatch_assign_seconds").record(s);
+            let waited = (now - at).to_std().unwrap_or_default();
+            metrics::histogram!("herald_dispatch_assign_seconds").record(waited.as_secs_f64());
+            if fresh_since.is_none_or(|since| at >= since) {
+                latency = Some(latency.map_or(waited, |l| l.max(waited)));
+            }
         }
     }
     metrics::histogram!("herald_dispatch_round_seconds").record(started.elapsed().as_secs_f64());
@@ -103,6 +151,7 @@ pub async fn round(
     Ok(RoundOutcome {
         assigned: assigned.len(),
         deferred: round.deferred,
+        latency,
     })
 }
 
@@ -141,6 +190,8 @@ pub mod health {
 
     static EWMA_US: AtomicU64 = AtomicU64::new(0);
     static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    static LATENCY_US: AtomicU64 = AtomicU64::new(0);
+    static LATENCY_MS: AtomicU64 = AtomicU64::new(0);
     static EPOCH: OnceLock<Instant> = OnceLock::new();
 
     fn now_ms() -> u64 {
@@ -157,6 +208,24 @@ pub mod health {
         };
         EWMA_US.store(new, Ordering::Relaxed);
         LAST_MS.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// The worst fresh assignment latency of the last report window.
+    pub fn observe_latency(d: Duration) {
+        LATENCY_US.store(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        LATENCY_MS.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// The dispatcher's recent health in this process: the larger of its round time
+    /// and its assignment latency, each while fresh.
+    pub fn recent() -> Option<Duration> {
+        let fresh = |at: u64| at != 0 && now_ms().saturating_sub(at) <= 2_000;
+        let latency = fresh(LATENCY_MS.load(Ordering::Relaxed))
+            .then(|| Duration::from_micros(LATENCY_US.load(Ordering::Relaxed)));
+        recent_round().max(latency)
     }
 
     pub fn recent_round() -> Option<Duration> {

@@ -263,7 +263,7 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
         )?;
         let dispatch_health: Option<herald_notify::DispatchHealth> =
             roles.contains(&Role::Dispatch).then(|| {
-                Arc::new(herald_dispatch::dispatcher::health::recent_round)
+                Arc::new(herald_dispatch::dispatcher::health::recent)
                     as herald_notify::DispatchHealth
             });
         let notify_tasks = herald_notify::start(

@@ -897,3 +897,83 @@ async fn claim(
 ) -> Result<Option<herald_storage::notify::StatusWork>, herald_storage::StorageError> {
     herald_storage::notify::claim_status(conn, "acme/web", SHA, "herald/web", lease).await
 }
+
+/// The throttle factor this process reports on /metrics.
+async fn throttle_factor(app: &TestApp) -> Option<f64> {
+    let text = reqwest::get(format!("{}/metrics", app.client.base()))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("herald_notify_throttle_factor "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dispatch_latency_reported_by_another_process_throttles_notifications() {
+    let env = TestEnv::new().await;
+    // Any assignment latency counts as degraded here, so a dispatcher in another
+    // process that assigns anything must slow this process's notifications.
+    let tight = [
+        PRIVATE_OK,
+        ("HERALD_NOTIFY__THROTTLE__LATENCY_TARGET_MS", "0.001"),
+        ("HERALD_NOTIFY__THROTTLE__INTERVAL_MS", "100"),
+    ];
+    let mut app = env.start("api,relay,notify", &tight).await;
+    let mut dispatch = env.spawn("dispatch", &tight);
+    let (api, reg) = org(&app, "acme").await;
+    let (url, r) = spawn_receiver(ok_always, Duration::ZERO).await;
+    webhook(&api, &url, json!(["*"]), &r).await;
+    let (agent, _) = agent(&app, &reg, "ci-1").await;
+    eventually(T, "an idle throttle at 1", || async {
+        (throttle_factor(&app).await == Some(1.0)).then_some(())
+    })
+    .await;
+    let (lowest, seen) = eventually(
+        T,
+        "dispatch's latency, seen across processes, throttles notifications",
+        || async {
+            run_build(
+                &api,
+                &agent,
+                json!([{"key": "a"}, {"key": "b", "depends_on": ["a"]}]),
+            )
+            .await;
+            let factor = throttle_factor(&app).await.filter(|f| *f < 1.0)?;
+            let text = reqwest::get(format!("{}/metrics", app.client.base()))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let seen = text
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(
+                        "herald_notify_throttle_signal_seconds{signal=\"dispatch_latency\"} ",
+                    )
+                })
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|v| *v > 0.0)?;
+            Some((factor, seen))
+        },
+    )
+    .await;
+    eprintln!("throttle factor fell to {lowest}; dispatch latency seen {seen} s");
+    // Without dispatch activity there is no report, and the factor climbs back.
+    eventually(
+        T,
+        "notifications recover once dispatch is quiet",
+        || async { (throttle_factor(&app).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    assert!(
+        !r.got.lock().expect("lock").is_empty(),
+        "deliveries went out"
+    );
+    kill9(&mut dispatch);
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -151,11 +151,13 @@ impl SubscriptionCache {
     }
 }
 
-/// One LISTEN connection per notify process: switches, subscriptions and due work.
+/// One LISTEN connection per notify process: switches, subscriptions, due work and
+/// dispatch's health.
 pub async fn listen(
     pool: PgPool,
     controls: Arc<TypeControls>,
     cache: Arc<SubscriptionCache>,
+    health: Arc<crate::throttle::RemoteHealth>,
     due: Arc<Notify>,
     cancel: CancellationToken,
 ) {
@@ -165,7 +167,12 @@ pub async fn listen(
             continue;
         };
         if listener
-            .listen_all([channels::TYPES, channels::SUBSCRIPTIONS, channels::DUE])
+            .listen_all([
+                channels::TYPES,
+                channels::SUBSCRIPTIONS,
+                channels::DUE,
+                channels::HEALTH,
+            ])
             .await
             .is_err()
         {
@@ -194,6 +201,7 @@ pub async fn listen(
                         }
                         due.notify_one();
                     }
+                    c if c == channels::HEALTH => health.report(n.payload()),
                     c if c == channels::SUBSCRIPTIONS => match Uuid::parse_str(n.payload()) {
                         Ok(org) => cache.invalidate(org),
                         Err(_) => cache.clear(),

@@ -36,6 +36,7 @@ pub async fn handle(n: Arc<Notifier>, msg: Incoming) -> Outcome {
         tracing::warn!(routing_key = %msg.routing_key, "malformed event; dead-lettering");
         return Outcome::DeadLetter;
     };
+    let _slot = n.fanout_slots.acquire().await;
     match fan_out(&n, &event, event_id, org, kind).await {
         Ok(()) => {
             metrics::counter!("herald_notify_events_total").increment(1);

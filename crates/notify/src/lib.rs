@@ -131,7 +131,11 @@ pub struct Notifier {
     pub destinations: DestinationLimiter,
     pub webhook_slots: AdjustableSemaphore,
     pub github_slots: AdjustableSemaphore,
+    /// The fan-out is notification work too: the throttle scales it with the senders,
+    /// so a backlog waits in the broker instead of in PostgreSQL.
+    pub fanout_slots: AdjustableSemaphore,
     pub throttle: Throttle,
+    pub remote_health: Arc<throttle::RemoteHealth>,
     pub writer: AttemptWriter,
     /// Messages handled since the throttle last looked; an idle pool costs no sample.
     pub activity: std::sync::atomic::AtomicU64,
@@ -203,6 +207,8 @@ pub async fn start(
         ),
         webhook_slots: AdjustableSemaphore::new(s.webhook_concurrency),
         github_slots: AdjustableSemaphore::new(s.github_concurrency),
+        fanout_slots: AdjustableSemaphore::new(s.fanout_concurrency),
+        remote_health: Arc::default(),
         throttle: Throttle::new(ThrottleSettings {
             enabled: s.throttle.enabled,
             min_factor: s.throttle.min_factor,
@@ -222,6 +228,7 @@ pub async fn start(
         role.pool.clone(),
         controls.clone(),
         n.cache.clone(),
+        n.remote_health.clone(),
         due.clone(),
         cancel.clone(),
     )));

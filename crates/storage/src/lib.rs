@@ -40,6 +40,10 @@ pub mod channels {
     pub const AGENT_GONE: &str = "herald_agent_gone";
     /// A transaction committed outbox rows: the relay should publish.
     pub const OUTBOX: &str = "herald_outbox";
+    /// Payload `"{microseconds}"`: the dispatchers' recent assignment latency, sent a few
+    /// times a second while they assign and never when idle. The notification
+    /// throttle of every process reads it.
+    pub const HEALTH: &str = "herald_dispatch_health";
 }
 
 /// Apply migrations. Idempotent; safe to run from several processes at once

@@ -16,6 +16,7 @@ pub mod channels {
     pub const TYPES: &str = "herald_notification_types";
     /// Deliveries became due now (replay, redeliver, resume).
     pub const DUE: &str = "herald_deliveries_due";
+    pub use crate::channels::HEALTH;
 }
 
 pub const TYPES: &[&str] = &["webhook", "github_commit_status"];

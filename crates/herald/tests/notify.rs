@@ -898,8 +898,8 @@ async fn claim(
     herald_storage::notify::claim_status(conn, "acme/web", SHA, "herald/web", lease).await
 }
 
-/// The throttle factor this process reports on /metrics.
-async fn throttle_factor(app: &TestApp) -> Option<f64> {
+/// One unlabelled-or-fully-labelled series of this process's /metrics.
+async fn metric(app: &TestApp, series: &str) -> Option<f64> {
     let text = reqwest::get(format!("{}/metrics", app.client.base()))
         .await
         .ok()?
@@ -907,8 +907,12 @@ async fn throttle_factor(app: &TestApp) -> Option<f64> {
         .await
         .ok()?;
     text.lines()
-        .find_map(|l| l.strip_prefix("herald_notify_throttle_factor "))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
+}
+
+async fn throttle_factor(app: &TestApp) -> Option<f64> {
+    metric(app, "herald_notify_throttle_factor").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -942,21 +946,8 @@ async fn dispatch_latency_reported_by_another_process_throttles_notifications() 
             )
             .await;
             let factor = throttle_factor(&app).await.filter(|f| *f < 1.0)?;
-            let text = reqwest::get(format!("{}/metrics", app.client.base()))
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            let seen = text
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix(
-                        "herald_notify_throttle_signal_seconds{signal=\"dispatch_latency\"} ",
-                    )
-                })
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .filter(|v| *v > 0.0)?;
+            let signal = r#"herald_notify_throttle_signal_seconds{signal="dispatch_latency"}"#;
+            let seen = metric(&app, signal).await.filter(|v| *v > 0.0)?;
             Some((factor, seen))
         },
     )

@@ -40,7 +40,10 @@ struct Candidate {
 /// recently assigned first, so an agent that never accepts does not get the same job
 /// back; read without locking) and locks up to that many of its runnable jobs. Demand-driven: a queue never waits behind another's agents. Busy
 /// agents are read once per round (one scan of the small `jobs_one_per_agent` index)
-/// and excluded by hash, not probed agent by agent.
+/// and excluded by hash, not probed agent by agent. `queue = ANY(queues)`, not
+/// `queues @> ARRAY[queue]`: the planner cannot estimate the latter for a queue that is
+/// not a constant, guesses that almost no agent matches, and sorts every agent instead
+/// of walking `agents_dispatch` (1.1-1.6 ms against 0.35-0.46 ms with 1000 agents).
 const CANDIDATES: &str = "\
 WITH RECURSIVE pairs AS ( \
     (SELECT org_id, queue FROM jobs WHERE state = 'scheduled' ORDER BY org_id, queue LIMIT 1) \
@@ -55,7 +58,7 @@ WITH RECURSIVE pairs AS ( \
 ), cand AS MATERIALIZED ( \
     SELECT p.org_id, p.queue, ARRAY( \
         SELECT a.id FROM agents a \
-        WHERE a.org_id = p.org_id AND a.state = 'connected' AND a.queues @> ARRAY[p.queue] \
+        WHERE a.org_id = p.org_id AND a.state = 'connected' AND p.queue = ANY(a.queues) \
           AND a.id NOT IN (SELECT agent_id FROM busy) \
         ORDER BY a.last_assigned_at NULLS FIRST \
         LIMIT (SELECT count(*) FROM (SELECT 1 FROM jobs x WHERE x.state = 'scheduled' \

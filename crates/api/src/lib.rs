@@ -19,7 +19,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use cache::TokenCache;
 use heartbeat::Heartbeats;
-use herald_storage::{ReadRouter, Waker};
+use herald_storage::{LocalWakes, ReadRouter, Waker};
 use metrics_exporter_prometheus::PrometheusHandle;
 use parked::Parked;
 use std::future::Future;
@@ -65,6 +65,8 @@ pub struct AppState {
     pub broker_queues: Option<BrokerQueues>,
     /// Post-commit wake-ups (see `herald_storage::wake`); set by `spawn_background`.
     pub waker: Arc<OnceLock<Waker>>,
+    /// This process's in-memory wake-ups; share one with the other roles.
+    pub local: LocalWakes,
 }
 
 impl AppState {
@@ -85,6 +87,7 @@ impl AppState {
             probes: Arc::new(probes),
             broker_queues: None,
             waker: Arc::default(),
+            local: LocalWakes::default(),
         }
     }
 
@@ -102,6 +105,7 @@ impl AppState {
         let pool = self.router.primary().clone();
         let listener = tokio::spawn(parked::listen(
             pool.clone(),
+            self.local.clone(),
             self.parked.clone(),
             self.cache.clone(),
             cancel.clone(),
@@ -110,7 +114,7 @@ impl AppState {
         let every = self.settings.heartbeat_flush;
         let min_advance = self.settings.heartbeat_min_advance;
         let cancel = cancel.clone();
-        let (waker, sender) = Waker::spawn(pool.clone(), cancel.clone());
+        let (waker, sender) = Waker::spawn(pool.clone(), self.local.clone(), cancel.clone());
         // Only the first call's waker is kept; a second one would only send duplicates.
         let _ = self.waker.set(waker);
         let flusher =

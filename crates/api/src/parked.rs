@@ -3,12 +3,10 @@
 //! job. A parked ping costs no database query while it waits.
 
 use crate::cache::TokenCache;
-use herald_storage::channels;
-use sqlx::postgres::PgListener;
+use herald_storage::{channels, wake, Heard, LocalWakes};
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -73,57 +71,27 @@ impl Parked {
 }
 
 /// Listens for assignments and agent departures until cancelled. On every (re)connect
-/// it reloads the pending assignments, so nothing assigned during a gap is missed.
+/// (and whenever it may have missed something) it reloads the pending assignments.
 pub async fn listen(
     pool: PgPool,
+    local: LocalWakes,
     parked: Arc<Parked>,
     cache: Arc<TokenCache>,
     cancel: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    while !cancel.is_cancelled() {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "assignment listener cannot connect; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = cancel.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        if let Err(e) = listener
-            .listen_all([channels::ASSIGNED, channels::AGENT_GONE])
-            .await
-        {
-            tracing::warn!(error = %e, "assignment listener cannot LISTEN; retrying");
-            continue;
-        }
-        backoff = Duration::from_millis(100);
-        cache.forget_all_agents();
-        if let Err(e) = resync(&pool, &parked).await {
-            tracing::warn!(error = %e, "cannot reload pending assignments");
-        }
-        loop {
-            let next = tokio::select! {
-                n = listener.try_recv() => n,
-                _ = cancel.cancelled() => return,
-            };
-            match next {
-                Ok(Some(n)) => handle(n.channel(), n.payload(), &parked, &cache),
-                // The connection dropped; sqlx reconnects on the next call, but
-                // notifications in between are lost, so resynchronise.
-                Ok(None) => {
-                    cache.forget_all_agents();
-                    if let Err(e) = resync(&pool, &parked).await {
-                        tracing::warn!(error = %e, "cannot reload pending assignments");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "assignment listener failed; reconnecting");
-                    break;
+    let mut heard = wake::listen(
+        pool.clone(),
+        &local,
+        &[channels::ASSIGNED, channels::AGENT_GONE],
+        cancel,
+    );
+    while let Some(h) = heard.recv().await {
+        match h {
+            Heard::Notice { channel, payload } => handle(&channel, &payload, &parked, &cache),
+            Heard::Resync => {
+                cache.forget_all_agents();
+                if let Err(e) = resync(&pool, &parked).await {
+                    tracing::warn!(error = %e, "cannot reload pending assignments");
                 }
             }
         }

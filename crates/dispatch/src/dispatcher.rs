@@ -3,8 +3,7 @@
 //! a backstop. Any number may run; `SKIP LOCKED` keeps them out of each other's way.
 
 use crate::DispatchSettings;
-use herald_storage::{channels, dispatch, StorageError, Waker};
-use sqlx::postgres::PgListener;
+use herald_storage::{channels, dispatch, wake, LocalWakes, StorageError, Waker};
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +17,13 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let wake = Arc::new(Notify::new());
-    let listener = tokio::spawn(listen(pool.clone(), wake.clone(), cancel.clone()));
+    let listening = cancel.child_token();
+    tokio::spawn(listen(
+        pool.clone(),
+        waker.local().clone(),
+        wake.clone(),
+        listening.clone(),
+    ));
     let backstop = Duration::from_secs_f64(settings.backstop_poll_s.max(0.1));
     let mut report = HealthReport::default();
     tracing::info!("dispatcher started");
@@ -54,7 +59,7 @@ pub async fn run(
             _ = cancel.cancelled() => break,
         }
     }
-    listener.abort();
+    listening.cancel();
     tracing::info!("dispatcher stopped");
 }
 
@@ -155,29 +160,12 @@ pub async fn round(
     })
 }
 
-async fn listen(pool: PgPool, wake: Arc<Notify>, cancel: CancellationToken) {
-    while !cancel.is_cancelled() {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "dispatch listener cannot connect");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if listener.listen(channels::DISPATCH).await.is_err() {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        // Anything may have happened while we were not listening.
+async fn listen(pool: PgPool, local: LocalWakes, wake: Arc<Notify>, cancel: CancellationToken) {
+    // Every notice, and every resync (anything may have happened meanwhile), is a
+    // reason to look.
+    let mut heard = wake::listen(pool, &local, &[channels::DISPATCH], cancel);
+    while heard.recv().await.is_some() {
         wake.notify_one();
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(_)) => wake.notify_one(),
-                Ok(None) => wake.notify_one(),
-                Err(_) => break,
-            }
-        }
     }
 }
 

@@ -120,6 +120,8 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
     let mut tasks = Vec::new();
     let mut addr = None;
     let bus = BusConfig::new(cfg.amqp.url.clone(), cfg.amqp.prefix.clone());
+    // One per process: the roles here hear each other's wake-ups in memory.
+    let local = herald_storage::LocalWakes::default();
 
     if roles.contains(&Role::Api) {
         let Some(admin) = cfg.auth.admin_token.clone().filter(|t| !t.is_empty()) else {
@@ -186,6 +188,7 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
                 out
             })
         }));
+        state.local = local.clone();
         tasks.extend(state.spawn_background(&cancel));
         let listen = cfg.listen_addr()?;
         let listener = tokio::net::TcpListener::bind(listen)
@@ -215,6 +218,7 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             pool,
             publisher.clone(),
             cfg.relay.clone(),
+            local.clone(),
             cancel.clone(),
         )));
     }
@@ -227,7 +231,8 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             "herald-dispatch",
             false,
         )?;
-        let (waker, sender) = herald_storage::Waker::spawn(pool.clone(), cancel.clone());
+        let (waker, sender) =
+            herald_storage::Waker::spawn(pool.clone(), local.clone(), cancel.clone());
         tasks.push(sender);
         tasks.push(tokio::spawn(herald_dispatch::dispatcher::run(
             pool.clone(),
@@ -274,6 +279,7 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
                 settings: cfg.notify.clone(),
                 allow_private_networks: cfg.webhooks.allow_private_networks,
                 dispatch_health,
+                local: local.clone(),
             },
             cancel.clone(),
         )

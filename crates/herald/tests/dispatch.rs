@@ -477,3 +477,61 @@ async fn the_maintenance_leader_vacuums_hot_tables_with_dead_rows() {
     app.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_ups_reach_this_process_in_memory_once_and_other_processes_through_postgres() {
+    use herald_storage::{channels, wake, Heard, LocalWakes, Waker};
+    use tokio_util::sync::CancellationToken;
+    let env = TestEnv::new().await;
+    let cancel = CancellationToken::new();
+    let local = LocalWakes::default();
+    let (waker, sender) = Waker::spawn(env.pool.clone(), local.clone(), cancel.clone());
+    let mut heard = wake::listen(
+        env.pool.clone(),
+        &local,
+        &[channels::ASSIGNED],
+        cancel.clone(),
+    );
+    assert_eq!(
+        heard.recv().await,
+        Some(Heard::Resync),
+        "a new listener resyncs first"
+    );
+    // Another process's view: a plain LISTEN on the same channel.
+    let mut other = sqlx::postgres::PgListener::connect_with(&env.pool)
+        .await
+        .expect("listener");
+    other.listen(channels::ASSIGNED).await.expect("listen");
+
+    waker.send(channels::ASSIGNED, "a1 j1".into());
+    assert_eq!(
+        heard.recv().await,
+        Some(Heard::Notice {
+            channel: channels::ASSIGNED.into(),
+            payload: "a1 j1".into()
+        })
+    );
+    let echo = tokio::time::timeout(T, other.recv())
+        .await
+        .expect("other processes hear it")
+        .expect("notification");
+    assert_eq!(echo.payload(), "a1 j1");
+    // The echo has reached PostgreSQL's listeners; this process must not hear it again,
+    // so the next thing it hears is another process's notification.
+    sqlx::query("SELECT pg_notify($1, 'from elsewhere')")
+        .bind(channels::ASSIGNED)
+        .execute(&env.pool)
+        .await
+        .expect("notify");
+    assert_eq!(
+        tokio::time::timeout(T, heard.recv()).await.expect("heard"),
+        Some(Heard::Notice {
+            channel: channels::ASSIGNED.into(),
+            payload: "from elsewhere".into()
+        })
+    );
+    cancel.cancel();
+    let _ = sender.await;
+    drop(other);
+    env.cleanup().await;
+}

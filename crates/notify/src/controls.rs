@@ -6,8 +6,7 @@
 use herald_storage::notify::{
     self as store, channels, GithubIntegration, NotificationType, WebhookView,
 };
-use herald_storage::StorageError;
-use sqlx::postgres::PgListener;
+use herald_storage::{wake, Heard, LocalWakes, StorageError};
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -155,65 +154,54 @@ impl SubscriptionCache {
 /// dispatch's health.
 pub async fn listen(
     pool: PgPool,
+    local: LocalWakes,
     controls: Arc<TypeControls>,
     cache: Arc<SubscriptionCache>,
     health: Arc<crate::throttle::RemoteHealth>,
     due: Arc<Notify>,
     cancel: CancellationToken,
 ) {
-    while !cancel.is_cancelled() {
-        let Ok(mut listener) = PgListener::connect_with(&pool).await else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
+    let mut heard = wake::listen(
+        pool.clone(),
+        &local,
+        &[
+            channels::TYPES,
+            channels::SUBSCRIPTIONS,
+            channels::DUE,
+            channels::HEALTH,
+        ],
+        cancel,
+    );
+    loop {
+        let next = tokio::select! {
+            h = heard.recv() => h,
+            // Backstop: a missed notification costs at most this long.
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                let _ = controls.reload(&pool).await;
+                continue;
+            }
         };
-        if listener
-            .listen_all([
-                channels::TYPES,
-                channels::SUBSCRIPTIONS,
-                channels::DUE,
-                channels::HEALTH,
-            ])
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        // Whatever happened while we were not listening.
-        cache.clear();
-        let _ = controls.reload(&pool).await;
-        due.notify_one();
-        loop {
-            let next = tokio::select! {
-                n = listener.try_recv() => n,
-                _ = cancel.cancelled() => return,
-                // Backstop: a missed notification costs at most this long.
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {
-                    let _ = controls.reload(&pool).await;
-                    continue;
-                }
-            };
-            match next {
-                Ok(Some(n)) => match n.channel() {
-                    c if c == channels::TYPES => {
-                        if let Err(e) = controls.reload(&pool).await {
-                            tracing::warn!(error = %e, "cannot reload notification types");
-                        }
-                        due.notify_one();
+        match next {
+            None => return,
+            Some(Heard::Notice { channel, payload }) => match channel.as_str() {
+                c if c == channels::TYPES => {
+                    if let Err(e) = controls.reload(&pool).await {
+                        tracing::warn!(error = %e, "cannot reload notification types");
                     }
-                    c if c == channels::HEALTH => health.report(n.payload()),
-                    c if c == channels::SUBSCRIPTIONS => match Uuid::parse_str(n.payload()) {
-                        Ok(org) => cache.invalidate(org),
-                        Err(_) => cache.clear(),
-                    },
-                    _ => due.notify_one(),
-                },
-                Ok(None) => {
-                    cache.clear();
-                    let _ = controls.reload(&pool).await;
                     due.notify_one();
                 }
-                Err(_) => break,
+                c if c == channels::HEALTH => health.report(&payload),
+                c if c == channels::SUBSCRIPTIONS => match Uuid::parse_str(&payload) {
+                    Ok(org) => cache.invalidate(org),
+                    Err(_) => cache.clear(),
+                },
+                _ => due.notify_one(),
+            },
+            // Whatever happened while we were not listening.
+            Some(Heard::Resync) => {
+                cache.clear();
+                let _ = controls.reload(&pool).await;
+                due.notify_one();
             }
         }
     }

@@ -152,6 +152,8 @@ pub struct NotifyRole {
     pub settings: NotifySettings,
     pub allow_private_networks: bool,
     pub dispatch_health: Option<DispatchHealth>,
+    /// This process's in-memory wake-ups (see `herald_storage::wake`).
+    pub local: herald_storage::LocalWakes,
 }
 
 /// Starts the fan-out consumer, both sender pools, the scheduler, the switch listener
@@ -226,6 +228,7 @@ pub async fn start(
     let due = Arc::new(Notify::new());
     tasks.push(tokio::spawn(controls::listen(
         role.pool.clone(),
+        role.local.clone(),
         controls.clone(),
         n.cache.clone(),
         n.remote_health.clone(),

@@ -10,8 +10,7 @@
 
 use herald_bus::{OutgoingMessage, Publisher};
 use herald_storage::maintenance::{self, keys};
-use herald_storage::{channels, outbox, StorageError};
-use sqlx::postgres::PgListener;
+use herald_storage::{channels, outbox, wake, LocalWakes, StorageError};
 use sqlx::{Connection, PgConnection, PgPool};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,11 +29,12 @@ pub async fn run(
     pool: PgPool,
     publisher: Arc<Publisher>,
     settings: RelaySettings,
+    local: LocalWakes,
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(200);
     while !cancel.is_cancelled() {
-        match lead(&url, &pool, &publisher, &settings, &cancel).await {
+        match lead(&url, &pool, &publisher, &settings, &local, &cancel).await {
             Ok(()) => break,
             Err(e) => {
                 metrics::gauge!("herald_relay_leader").set(0.0);
@@ -55,6 +55,7 @@ async fn lead(
     pool: &PgPool,
     publisher: &Publisher,
     s: &RelaySettings,
+    local: &LocalWakes,
     cancel: &CancellationToken,
 ) -> Result<(), StorageError> {
     let mut session =
@@ -66,9 +67,15 @@ async fn lead(
     tracing::info!("elected outbox relay");
     metrics::gauge!("herald_relay_leader").set(1.0);
     let wake = Arc::new(Notify::new());
-    let listener = tokio::spawn(listen(pool.clone(), wake.clone(), cancel.clone()));
+    let listening = cancel.child_token();
+    tokio::spawn(listen(
+        pool.clone(),
+        local.clone(),
+        wake.clone(),
+        listening.clone(),
+    ));
     let result = relay_loop(&mut session, publisher, s, &wake, cancel).await;
-    listener.abort();
+    listening.cancel();
     if result.is_ok() {
         let _ = maintenance::release(&mut session, keys::RELAY).await;
         let _ = session.close().await;
@@ -133,20 +140,9 @@ async fn relay_loop(
     }
 }
 
-async fn listen(pool: PgPool, wake: Arc<Notify>, cancel: CancellationToken) {
-    while !cancel.is_cancelled() {
-        let Ok(mut listener) = PgListener::connect_with(&pool).await else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        };
-        if listener.listen(channels::OUTBOX).await.is_err() {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
+async fn listen(pool: PgPool, local: LocalWakes, wake: Arc<Notify>, cancel: CancellationToken) {
+    let mut heard = wake::listen(pool, &local, &[channels::OUTBOX], cancel);
+    while heard.recv().await.is_some() {
         wake.notify_one();
-        while let Ok(n) = listener.try_recv().await {
-            let _ = n;
-            wake.notify_one();
-        }
     }
 }

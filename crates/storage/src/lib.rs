@@ -26,7 +26,7 @@ pub mod wake;
 
 pub use error::StorageError;
 pub use pool::{connect_pool, PoolSettings, ReadRouter};
-pub use wake::Waker;
+pub use wake::{Heard, LocalWakes, Waker};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -10,12 +10,151 @@
 //!
 //! A wake-up lost to a crash between commit and send costs latency, not correctness:
 //! every listener also polls as a backstop.
+//!
+//! Listeners in the same process hear a wake-up at once, through [`LocalWakes`], and
+//! skip its echo from PostgreSQL (recognised by the sending backend's pid): on a busy
+//! box each hop through the database is a few milliseconds of waiting for a CPU.
 
+use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
-use tokio::sync::Notify;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_util::sync::CancellationToken;
+
+type LocalMessage = (&'static str, Arc<str>);
+
+/// The wake-ups of one process, delivered in memory. Cheap to clone; one per process
+/// (or per app instance in tests), shared by its [`Waker`]s and its listeners.
+#[derive(Clone)]
+pub struct LocalWakes {
+    tx: broadcast::Sender<LocalMessage>,
+    /// Backend pids of this process's waker connections: their notifications were
+    /// delivered here already.
+    own: Arc<Mutex<HashSet<u32>>>,
+}
+
+impl Default for LocalWakes {
+    fn default() -> Self {
+        LocalWakes {
+            tx: broadcast::channel(4096).0,
+            own: Arc::default(),
+        }
+    }
+}
+
+impl LocalWakes {
+    fn publish(&self, channel: &'static str, payload: Arc<str>) {
+        // No receiver is fine: nobody in this process listens on that channel.
+        let _ = self.tx.send((channel, payload));
+    }
+
+    fn own(&self) -> std::sync::MutexGuard<'_, HashSet<u32>> {
+        self.own.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn is_own(&self, pid: u32) -> bool {
+        self.own().contains(&pid)
+    }
+}
+
+/// What a [`listen`] subscriber hears.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    /// A notification on one of the channels, from this process or another.
+    Notice { channel: String, payload: String },
+    /// (Re)connected, or fell behind: notifications may have been missed, so look at
+    /// the database.
+    Resync,
+}
+
+/// Listens on `channels`, in this process (at once) and in PostgreSQL (for other
+/// processes), until `cancel`. Reconnects with backoff; each (re)connect yields
+/// [`Heard::Resync`] first. The receiver sees nothing twice for one wake-up of this
+/// process, except around a reconnect of its waker.
+pub fn listen(
+    pool: PgPool,
+    local: &LocalWakes,
+    channels: &[&'static str],
+    cancel: CancellationToken,
+) -> mpsc::Receiver<Heard> {
+    let (tx, rx) = mpsc::channel(4096);
+    let wanted: Vec<&'static str> = channels.to_vec();
+    let mut local_rx = local.tx.subscribe();
+    let (local_tx, local_cancel) = (tx.clone(), cancel.clone());
+    let local_wanted = wanted.clone();
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                m = local_rx.recv() => m,
+                _ = local_cancel.cancelled() => return,
+            };
+            let heard = match next {
+                Ok((c, p)) if local_wanted.contains(&c) => Heard::Notice {
+                    channel: c.to_owned(),
+                    payload: p.to_string(),
+                },
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => Heard::Resync,
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if local_tx.send(heard).await.is_err() {
+                return;
+            }
+        }
+    });
+    let local = local.clone();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        while !cancel.is_cancelled() {
+            let mut listener = match PgListener::connect_with(&pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?wanted, "listener cannot connect; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = cancel.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen_all(wanted.iter().copied()).await {
+                tracing::warn!(error = %e, ?wanted, "cannot LISTEN; retrying");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            backoff = Duration::from_millis(100);
+            if tx.send(Heard::Resync).await.is_err() {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    n = listener.try_recv() => n,
+                    _ = cancel.cancelled() => return,
+                };
+                let heard = match next {
+                    Ok(Some(n)) if local.is_own(n.process_id()) => continue,
+                    Ok(Some(n)) => Heard::Notice {
+                        channel: n.channel().to_owned(),
+                        payload: n.payload().to_owned(),
+                    },
+                    // Reconnected underneath: what came in between is lost.
+                    Ok(None) => Heard::Resync,
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?wanted, "listener failed; reconnecting");
+                        break;
+                    }
+                };
+                if tx.send(heard).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
 
 #[derive(Default)]
 struct Pending {
@@ -28,6 +167,7 @@ struct Pending {
 struct Inner {
     pending: Mutex<Pending>,
     signal: Notify,
+    local: LocalWakes,
 }
 
 /// Cheap to clone; sends from one background task with its own connection, opened
@@ -40,17 +180,28 @@ pub struct Waker {
 impl Waker {
     /// Starts the sending task on `pool`. It stops, after sending what is pending,
     /// when `cancel` fires.
-    pub fn spawn(pool: PgPool, cancel: CancellationToken) -> (Waker, tokio::task::JoinHandle<()>) {
+    pub fn spawn(
+        pool: PgPool,
+        local: LocalWakes,
+        cancel: CancellationToken,
+    ) -> (Waker, tokio::task::JoinHandle<()>) {
         let inner = Arc::new(Inner {
             pending: Mutex::new(Pending::default()),
             signal: Notify::new(),
+            local,
         });
         let task = tokio::spawn(run(pool, inner.clone(), cancel));
         (Waker { inner }, task)
     }
 
+    /// This process's in-memory wake-ups, for its listeners (see [`listen`]).
+    pub fn local(&self) -> &LocalWakes {
+        &self.inner.local
+    }
+
     /// Wakes the listeners of `channel`; several calls before the next send are one.
     pub fn wake(&self, channel: &'static str) {
+        self.inner.local.publish(channel, Arc::from(""));
         self.with_pending(|p| {
             p.wakes.insert(channel);
         });
@@ -58,6 +209,9 @@ impl Waker {
 
     /// Sends `payload` on `channel`.
     pub fn send(&self, channel: &'static str, payload: String) {
+        self.inner
+            .local
+            .publish(channel, Arc::from(payload.as_str()));
         self.with_pending(|p| p.messages.push((channel, payload)));
     }
 
@@ -75,6 +229,7 @@ impl Waker {
 
 async fn run(pool: PgPool, inner: Arc<Inner>, cancel: CancellationToken) {
     let mut conn: Option<PgConnection> = None;
+    let mut own_pid: Option<u32> = None;
     loop {
         let stopping = tokio::select! {
             _ = inner.signal.notified() => false,
@@ -99,6 +254,21 @@ async fn run(pool: PgPool, inner: Arc<Inner>, cancel: CancellationToken) {
                 conn = PgConnection::connect_with(&pool.connect_options())
                     .await
                     .ok();
+                if let Some(c) = conn.as_mut() {
+                    match sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                        .fetch_one(&mut *c)
+                        .await
+                    {
+                        Ok(pid) => {
+                            let pid = u32::try_from(pid).unwrap_or_default();
+                            if let Some(old) = own_pid.replace(pid) {
+                                inner.local.own().remove(&old);
+                            }
+                            inner.local.own().insert(pid);
+                        }
+                        Err(_) => conn = None,
+                    }
+                }
             }
             let sent = match conn.as_mut() {
                 Some(c) => sqlx::query(
@@ -118,6 +288,9 @@ async fn run(pool: PgPool, inner: Arc<Inner>, cancel: CancellationToken) {
                 // The listeners' backstop polls pick the work up.
                 Err(e) => {
                     conn = None;
+                    if let Some(old) = own_pid.take() {
+                        inner.local.own().remove(&old);
+                    }
                     tracing::warn!(error = %e, n = channels.len(), "could not send wake-ups");
                 }
             }

@@ -42,7 +42,10 @@ pub async fn run(
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     true
                 }
-                Ok(r) => r.assigned > 0,
+                // A full or crowded round may have left work behind; anything else
+                // that arrived since it began has woken us (the wake is kept until
+                // we wait).
+                Ok(r) => r.deferred > 0 || r.assigned as i64 >= settings.batch_agents,
                 Err(e) => {
                     tracing::warn!(error = %e, "assignment round failed");
                     tokio::select! {

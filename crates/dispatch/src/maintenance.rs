@@ -84,11 +84,11 @@ pub async fn sweep(conn: &mut PgConnection, s: &SweepSettings) -> Result<(), Sto
     if lost + expired > 0 || deleted > 0 {
         tracing::info!(lost, expired, deleted, "maintenance sweep");
     }
-    for table in &to_vacuum {
+    for target in &to_vacuum {
         let started = std::time::Instant::now();
-        maintenance::vacuum(conn, table).await?;
-        tracing::debug!(table, ms = started.elapsed().as_millis() as u64, "vacuumed");
-        metrics::counter!("herald_vacuums_total", "table" => table.clone()).increment(1);
+        maintenance::vacuum(conn, target).await?;
+        tracing::debug!(table = %target.table, analyze = target.analyze, ms = started.elapsed().as_millis() as u64, "vacuumed");
+        metrics::counter!("herald_vacuums_total", "table" => target.table.clone()).increment(1);
     }
     metrics::counter!("herald_agents_lost_total").increment(lost as u64);
     metrics::counter!("herald_assignments_expired_total").increment(expired as u64);

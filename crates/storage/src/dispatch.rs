@@ -10,7 +10,7 @@ use crate::views::{JobView, JOB_COLUMNS};
 use chrono::{DateTime, Utc};
 use herald_domain::EventType;
 use sqlx::{PgConnection, Row};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use uuid::Uuid;
 
 #[derive(Debug, Clone)]
@@ -24,8 +24,8 @@ pub struct Assignment {
 #[derive(Debug, Default)]
 pub struct Round {
     pub assigned: Vec<Assignment>,
-    /// Matches that could not be made because another transaction held the agent:
-    /// the caller should run another round soon.
+    /// Matches that could not be made because another transaction held the agent, or
+    /// another queue's job took it: the caller should run another round soon.
     pub deferred: usize,
 }
 
@@ -115,21 +115,27 @@ pub async fn assign_round(
             .then(a.scheduled_at.cmp(&b.scheduled_at))
             .then(a.id.cmp(&b.id))
     });
-    let mut taken: HashSet<Uuid> = HashSet::new();
+    // Agent -> the (org, queue) that took it this round.
+    let mut taken: HashMap<Uuid, usize> = HashMap::new();
     let (mut job_ids, mut agent_ids) = (Vec::new(), Vec::new());
+    // Jobs left without an agent because another queue's job took theirs: each queue
+    // listed only as many agents as it has jobs, so another round may find them one.
+    let mut crowded = 0;
     for job in &candidates {
-        if let Some(agent) = pair_agents[job.pair]
-            .iter()
-            .find(|a| !taken.contains(*a))
-            .copied()
-        {
-            taken.insert(agent);
+        let agents = &pair_agents[job.pair];
+        if let Some(agent) = agents.iter().find(|a| !taken.contains_key(*a)).copied() {
+            taken.insert(agent, job.pair);
             job_ids.push(job.id);
             agent_ids.push(agent);
+        } else if agents.iter().any(|a| taken.get(a) != Some(&job.pair)) {
+            crowded += 1;
         }
     }
     if job_ids.is_empty() {
-        return Ok(Round::default());
+        return Ok(Round {
+            assigned: Vec::new(),
+            deferred: crowded,
+        });
     }
     // Lock only the chosen agents, skipping any another transaction holds (a heartbeat
     // flush, a sweep, another dispatcher); their jobs stay runnable for the next round.
@@ -151,7 +157,7 @@ pub async fn assign_round(
     .bind(&agent_ids)
     .fetch_all(&mut *conn)
     .await?;
-    let deferred = job_ids.len() - jobs.len();
+    let deferred = job_ids.len() - jobs.len() + crowded;
     if jobs.is_empty() {
         return Ok(Round {
             assigned: Vec::new(),

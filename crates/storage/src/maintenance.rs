@@ -49,34 +49,54 @@ pub async fn release(conn: &mut PgConnection, key: i64) -> Result<(), StorageErr
 /// dispatcher's index scans until a vacuum removes them.
 pub const HOT_TABLES: &[&str] = &["agents", "builds", "jobs", "outbox"];
 
+/// A hot table to vacuum, and whether its statistics are stale enough to analyze too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VacuumTarget {
+    pub table: String,
+    pub analyze: bool,
+}
+
 /// Which hot tables have at least `min_dead` dead rows (statistics, no table scan).
+/// ANALYZE samples up to 30,000 rows however little changed, so it only comes along
+/// once a fifth of the table (and at least `min_dead` rows) changed since the last one.
 pub async fn tables_to_vacuum(
     conn: &mut PgConnection,
     min_dead: i64,
-) -> Result<Vec<String>, StorageError> {
+) -> Result<Vec<VacuumTarget>, StorageError> {
     if min_dead <= 0 {
         return Ok(Vec::new());
     }
-    Ok(sqlx::query_scalar(
-        "SELECT relname::text FROM pg_stat_user_tables \
+    let rows: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT relname::text, \
+                n_mod_since_analyze >= greatest($2, n_live_tup / 5) OR last_analyze IS NULL \
+         FROM pg_stat_user_tables \
          WHERE schemaname = current_schema() AND relname = ANY($1) AND n_dead_tup >= $2 \
          ORDER BY relname",
     )
     .bind(HOT_TABLES)
     .bind(min_dead)
     .fetch_all(conn)
-    .await?)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(table, analyze)| VacuumTarget { table, analyze })
+        .collect())
 }
 
-/// `VACUUM (ANALYZE)` of one hot table, outside any transaction. It takes no lock that
-/// blocks reads or writes.
-pub async fn vacuum(conn: &mut PgConnection, table: &str) -> Result<(), StorageError> {
-    let Some(table) = HOT_TABLES.iter().find(|t| **t == table) else {
+/// `VACUUM` (with `ANALYZE` when asked) of one hot table, outside any transaction. It
+/// takes no lock that blocks reads or writes.
+pub async fn vacuum(conn: &mut PgConnection, target: &VacuumTarget) -> Result<(), StorageError> {
+    let Some(table) = HOT_TABLES.iter().find(|t| **t == target.table) else {
         return Err(StorageError::Conflict(format!(
-            "{table} is not a hot table"
+            "{} is not a hot table",
+            target.table
         )));
     };
-    let sql = format!("VACUUM (ANALYZE) {table}");
+    let sql = if target.analyze {
+        format!("VACUUM (ANALYZE) {table}")
+    } else {
+        format!("VACUUM {table}")
+    };
     sqlx::query(&sql).persistent(false).execute(conn).await?;
     Ok(())
 }

@@ -102,7 +102,7 @@ pub async fn create_build(
         "INSERT INTO jobs AS j (id, build_id, org_id, position, key, command, queue, priority, label, env, \
                            depends_on, state, scheduled_at) \
          SELECT id, $2, $3, pos, key, cmd, q, prio, label, env, deps, st, \
-                CASE WHEN st = 'scheduled' THEN now() END \
+                CASE WHEN st = 'scheduled' THEN clock_timestamp() END \
          FROM unnest($1::uuid[], $4::int[], $5::text[], $6::text[], $7::text[], $8::int[], \
                      $9::text[], $10::jsonb[], $11::jsonb[], $12::text[]) \
               AS t(id, pos, key, cmd, q, prio, label, env, deps, st) \

@@ -97,7 +97,7 @@ pub async fn propagate_build(
     } else {
         sqlx::query_as(&format!(
             "UPDATE jobs AS j SET state = v.st, updated_at = now(), \
-                 scheduled_at = CASE WHEN v.st = 'scheduled' THEN now() ELSE j.scheduled_at END, \
+                 scheduled_at = CASE WHEN v.st = 'scheduled' THEN clock_timestamp() ELSE j.scheduled_at END, \
                  finished_at = CASE WHEN v.st = 'skipped' THEN now() ELSE j.finished_at END \
              FROM unnest($1::uuid[], $2::text[]) AS v(id, st) \
              WHERE j.id = v.id AND j.state = 'waiting' \

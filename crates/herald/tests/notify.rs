@@ -968,3 +968,64 @@ async fn dispatch_latency_reported_by_another_process_throttles_notifications() 
     app.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhook_backlog_waits_as_events_not_as_deliveries_and_all_arrive() {
+    let env = TestEnv::new().await;
+    // One slow sender and a backlog allowance of 100: the fan-out must stop creating
+    // deliveries while 100 wait, and create the rest as the sender catches up.
+    let mut app = env
+        .start(
+            "api,relay,dispatch,notify",
+            &[
+                PRIVATE_OK,
+                ("HERALD_NOTIFY__FANOUT_MAX_BACKLOG", "100"),
+                ("HERALD_NOTIFY__WEBHOOK_PREFETCH", "1"),
+                ("HERALD_NOTIFY__WEBHOOK_CONCURRENCY", "1"),
+                ("HERALD_NOTIFY__THROTTLE__ENABLED", "false"),
+            ],
+        )
+        .await;
+    let (api, _) = org(&app, "acme").await;
+    let (url, r) = spawn_receiver(ok_always, Duration::from_millis(5)).await;
+    for _ in 0..5 {
+        webhook(&api, &url, json!(["*"]), &r).await;
+    }
+    for _ in 0..20 {
+        api.create_build(
+            "web",
+            &build_body(json!([{"key": "a"}, {"key": "b"}, {"key": "c"}])),
+        )
+        .await
+        .expect("create");
+    }
+    let queue = format!("{}.deliver.webhook", env.prefix);
+    let deepest = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let expected = eventually(T, "every delivery received", || async {
+        let (_, q) = call(&app.admin, Method::GET, "/v1/ops/queues", None).await;
+        let depth = q["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|i| i["name"] == queue.as_str()))
+            .and_then(|i| i["depth"].as_i64())
+            .unwrap_or(0);
+        deepest.fetch_max(depth, std::sync::atomic::Ordering::Relaxed);
+        let rows = env.count("SELECT count(*) FROM deliveries").await;
+        let got: HashSet<String> = r
+            .got
+            .lock()
+            .map(|g| g.iter().map(|x| x.id.clone()).collect())
+            .unwrap_or_default();
+        // 20 builds × (build.created + 3 × job.scheduled) × 5 endpoints, at least.
+        (rows >= 400 && got.len() as i64 == rows).then_some(rows)
+    })
+    .await;
+    let deepest = deepest.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{expected} deliveries; the webhook queue held at most {deepest}");
+    assert!(
+        deepest <= 100 + 8 * 5 + 5,
+        "the fan-out kept creating deliveries past the allowed backlog ({deepest})"
+    );
+    assert!(deepest > 0, "the backlog was observed");
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -38,7 +38,9 @@ pub async fn handle(n: Arc<Notifier>, msg: Incoming) -> Outcome {
     };
     let _slot = n.fanout_slots.acquire().await;
     match fan_out(&n, &event, event_id, org, kind).await {
-        Ok(()) => {
+        // Stopping while waiting for room: hand the event back untouched.
+        Ok(false) => Outcome::Requeue,
+        Ok(true) => {
             metrics::counter!("herald_notify_events_total").increment(1);
             Outcome::Ack
         }
@@ -50,13 +52,73 @@ pub async fn handle(n: Arc<Notifier>, msg: Incoming) -> Outcome {
     }
 }
 
+/// How often the fan-out reads the webhook queue's depth.
+const BACKLOG_READ_EVERY: Duration = Duration::from_millis(250);
+
+/// Waits while the webhook queue holds more than the allowed backlog. Creating
+/// deliveries faster than they are sent only moves the backlog into PostgreSQL (rows,
+/// WAL, index entries) and the broker; left as events in `{prefix}.notify` it costs
+/// nothing until the senders catch up. False when the role is stopping.
+async fn room_for_deliveries(n: &Notifier) -> bool {
+    loop {
+        if n.stopping.is_cancelled() {
+            return false;
+        }
+        let limit = (f64::from(n.settings.fanout_max_backlog) * n.throttle.factor()).max(100.0);
+        match webhook_backlog(n).await {
+            Some(depth) if f64::from(depth) > limit => {
+                metrics::counter!("herald_notify_fanout_paused_total").increment(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(BACKLOG_READ_EVERY) => {}
+                    _ = n.stopping.cancelled() => return false,
+                }
+            }
+            // Room, or the depth cannot be read: a broker that cannot answer cannot
+            // take the messages either, and publishing reports that.
+            _ => return true,
+        }
+    }
+}
+
+/// The webhook queue's depth as last read (at most [`BACKLOG_READ_EVERY`] ago), plus
+/// what this process published since: a burst between two reads counts at once.
+async fn webhook_backlog(n: &Notifier) -> Option<u32> {
+    let cached = *lock_backlog(n);
+    if let Some((depth, at, added)) = cached {
+        if at.elapsed() < BACKLOG_READ_EVERY {
+            return Some(depth.saturating_add(added));
+        }
+    }
+    let depth = n
+        .publisher
+        .queue_depth(&n.names.delivery_queue("webhook"))
+        .await
+        .ok()
+        .map(|(messages, _)| messages)?;
+    metrics::gauge!("herald_notify_webhook_backlog").set(f64::from(depth));
+    *lock_backlog(n) = Some((depth, std::time::Instant::now(), 0));
+    Some(depth)
+}
+
+fn published_deliveries(n: &Notifier, count: usize) {
+    if let Some((_, _, added)) = lock_backlog(n).as_mut() {
+        *added = added.saturating_add(u32::try_from(count).unwrap_or(u32::MAX));
+    }
+}
+
+fn lock_backlog(n: &Notifier) -> std::sync::MutexGuard<'_, Option<(u32, std::time::Instant, u32)>> {
+    n.webhook_backlog
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 async fn fan_out(
     n: &Notifier,
     event: &Value,
     event_id: Uuid,
     org: Uuid,
     kind: EventType,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let subs = n.cache.org(&n.pool, org).await?;
     let pipeline = event
         .pointer("/data/build/pipeline")
@@ -71,6 +133,9 @@ async fn fan_out(
         .map(|w| w.id)
         .collect();
     if !hooks.is_empty() {
+        if !room_for_deliveries(n).await {
+            return Ok(false);
+        }
         let body = json!({
             "type": kind.as_str(),
             "timestamp": event.get("timestamp").cloned().unwrap_or(Value::Null),
@@ -107,6 +172,7 @@ async fn fan_out(
             .collect();
         if !msgs.is_empty() {
             n.publisher.publish_batch("", &msgs).await?;
+            published_deliveries(n, msgs.len());
             metrics::counter!("herald_notify_deliveries_created_total", "type" => "webhook")
                 .increment(msgs.len() as u64);
         }
@@ -139,7 +205,7 @@ async fn fan_out(
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 fn wanted_status(

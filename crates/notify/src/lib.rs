@@ -33,6 +33,9 @@ use uuid::Uuid;
 pub struct NotifySettings {
     pub fanout_prefetch: u16,
     pub fanout_concurrency: usize,
+    /// Webhook deliveries allowed to wait in the broker before the fan-out pauses
+    /// (scaled by the throttle factor, at least 100).
+    pub fanout_max_backlog: u32,
     pub webhook_prefetch: u16,
     pub webhook_concurrency: usize,
     pub github_prefetch: u16,
@@ -136,6 +139,11 @@ pub struct Notifier {
     pub fanout_slots: AdjustableSemaphore,
     pub throttle: Throttle,
     pub remote_health: Arc<throttle::RemoteHealth>,
+    /// The webhook queue's depth as last read, when, and what this process has
+    /// published to it since.
+    pub webhook_backlog: std::sync::Mutex<Option<(u32, std::time::Instant, u32)>>,
+    /// Fires when the role stops: waits give up and hand their message back.
+    pub stopping: CancellationToken,
     pub writer: AttemptWriter,
     /// Messages handled since the throttle last looked; an idle pool costs no sample.
     pub activity: std::sync::atomic::AtomicU64,
@@ -211,6 +219,8 @@ pub async fn start(
         github_slots: AdjustableSemaphore::new(s.github_concurrency),
         fanout_slots: AdjustableSemaphore::new(s.fanout_concurrency),
         remote_health: Arc::default(),
+        webhook_backlog: Default::default(),
+        stopping: cancel.clone(),
         throttle: Throttle::new(ThrottleSettings {
             enabled: s.throttle.enabled,
             min_factor: s.throttle.min_factor,

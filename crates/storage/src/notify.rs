@@ -334,10 +334,17 @@ fn work_from(r: &PgRow) -> Result<DeliveryWork, sqlx::Error> {
         webhook_id: r.try_get("webhook_id")?,
         event_id: r.try_get("event_id")?,
         event_type: r.try_get("event_type")?,
-        payload: r.try_get("payload")?,
+        payload: r
+            .try_get::<Option<serde_json::Value>, _>("payload")?
+            .unwrap_or(serde_json::Value::Null),
         attempts: r.try_get("attempts")?,
     })
 }
+
+/// The columns of [`DeliveryWork`] for `deliveries d`, with the body from wherever it is.
+const WORK_COLUMNS: &str = "d.id, d.webhook_id, d.event_id, d.event_type, \
+     coalesce(d.payload, (SELECT p.payload FROM delivery_payloads p WHERE p.event_id = d.event_id)) AS payload, \
+     d.attempts";
 
 /// Records one event's deliveries, once each however often the event is redelivered.
 /// `held` rows wait in PostgreSQL (their type is paused); `skipped` rows are recorded
@@ -371,8 +378,10 @@ pub async fn record_deliveries(
     }
     let ids: Vec<Uuid> = webhook_ids.iter().map(|_| Uuid::now_v7()).collect();
     sqlx::query(
-        "INSERT INTO deliveries (id, org_id, webhook_id, event_id, event_type, payload, status, next_attempt_at) \
-         SELECT id, $2, wh, $3, $4, $5, $6, CASE WHEN $7 THEN now() END \
+        "WITH body AS (INSERT INTO delivery_payloads (event_id, payload) VALUES ($3, $5) \
+                       ON CONFLICT (event_id) DO NOTHING) \
+         INSERT INTO deliveries (id, org_id, webhook_id, event_id, event_type, status, next_attempt_at) \
+         SELECT id, $2, wh, $3, $4, $6, CASE WHEN $7 THEN now() END \
          FROM unnest($1::uuid[], $8::uuid[]) AS t(id, wh) \
          ON CONFLICT (event_id, webhook_id) DO NOTHING",
     )
@@ -386,14 +395,22 @@ pub async fn record_deliveries(
     .bind(webhook_ids)
     .execute(&mut *conn)
     .await?;
+    // The body is the caller's: not read back once per endpoint.
     let rows = sqlx::query(
-        "SELECT id, webhook_id, event_id, event_type, payload, attempts FROM deliveries \
+        "SELECT id, webhook_id, event_id, event_type, NULL::jsonb AS payload, attempts FROM deliveries \
          WHERE event_id = $1 AND status = 'pending' AND attempts = 0 AND next_attempt_at IS NULL",
     )
     .bind(event_id)
     .fetch_all(conn)
     .await?;
-    Ok(rows.iter().map(work_from).collect::<Result<_, _>>()?)
+    rows.iter()
+        .map(|r| {
+            Ok(DeliveryWork {
+                payload: payload.clone(),
+                ..work_from(r)?
+            })
+        })
+        .collect()
 }
 
 pub async fn delivery_status(
@@ -561,10 +578,10 @@ pub async fn due_deliveries(
     conn: &mut PgConnection,
     limit: i64,
 ) -> Result<Vec<(DeliveryWork, DateTime<Utc>)>, StorageError> {
-    let rows = sqlx::query(
-        "SELECT id, webhook_id, event_id, event_type, payload, attempts, next_attempt_at FROM deliveries \
-         WHERE next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $1",
-    )
+    let rows = sqlx::query(&format!(
+        "SELECT {WORK_COLUMNS}, d.next_attempt_at FROM deliveries d \
+         WHERE d.next_attempt_at <= now() ORDER BY d.next_attempt_at LIMIT $1"
+    ))
     .bind(limit)
     .fetch_all(conn)
     .await?;
@@ -980,8 +997,20 @@ pub async fn expire_history(
     )
     .bind(retention_s)
     .bind(batch)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    // Bodies no delivery refers to any more.
+    let p = sqlx::query(
+        "DELETE FROM delivery_payloads WHERE event_id IN (SELECT p.event_id FROM delivery_payloads p \
+         WHERE p.created_at < now() - make_interval(secs => $1) \
+           AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = p.event_id) \
+         ORDER BY p.created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention_s)
+    .bind(batch)
     .execute(conn)
     .await?
     .rows_affected();
-    Ok(a + d)
+    Ok(a + d + p)
 }

@@ -163,10 +163,14 @@ async fn attempt(
     let _slot = n.webhook_slots.acquire().await;
     n.webhook_rate.acquire().await;
     n.destinations.acquire(&hook.id.to_string(), &host).await;
-    let body = serde_json::to_vec(&m.payload).unwrap_or_default();
     let a = n
         .sender
-        .send(&hook.url, &hook.secret, &m.delivery_id.to_string(), &body)
+        .send(
+            &hook.url,
+            &hook.secret,
+            &m.delivery_id.to_string(),
+            m.payload.get().as_bytes(),
+        )
         .await;
     let made = u32::try_from(m.attempts.max(0)).unwrap_or(0) + 1;
     let (status, next) = match &a.outcome {

@@ -147,6 +147,7 @@ async fn fan_out(
             Mode::Paused => ("pending", true),
             Mode::Disabled => ("skipped", false),
         };
+        let raw = crate::raw_body(&body);
         let mut conn = n.pool.acquire().await?;
         let work = store::record_deliveries(
             &mut conn,
@@ -168,7 +169,9 @@ async fn fan_out(
         }
         let msgs: Vec<OutgoingMessage> = work
             .into_iter()
-            .map(|w| DeliveryMsg::from_work(&w).to_message(&n.names.delivery_queue("webhook")))
+            .map(|w| {
+                DeliveryMsg::new(&w, raw.clone()).to_message(&n.names.delivery_queue("webhook"))
+            })
             .collect();
         if !msgs.is_empty() {
             n.publisher.publish_batch("", &msgs).await?;

@@ -75,19 +75,33 @@ pub struct DeliveryMsg {
     pub event_id: Uuid,
     pub event_type: String,
     pub attempts: i32,
-    pub payload: serde_json::Value,
+    /// The exact body to sign and send: kept as text, never parsed into a map and
+    /// written out again for each of an event's endpoints.
+    pub payload: Box<serde_json::value::RawValue>,
+}
+
+/// A JSON value as the text of its body.
+pub fn raw_body(v: &serde_json::Value) -> Box<serde_json::value::RawValue> {
+    serde_json::value::to_raw_value(v)
+        .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
 }
 
 impl DeliveryMsg {
-    pub fn from_work(w: &DeliveryWork) -> Self {
+    /// A message for `w` with the body `payload` (one event's endpoints share it).
+    pub fn new(w: &DeliveryWork, payload: Box<serde_json::value::RawValue>) -> Self {
         DeliveryMsg {
             delivery_id: w.id,
             webhook_id: w.webhook_id,
             event_id: w.event_id,
             event_type: w.event_type.clone(),
             attempts: w.attempts,
-            payload: w.payload.clone(),
+            payload,
         }
+    }
+
+    /// A message for a row read back from PostgreSQL, with its stored body.
+    pub fn from_work(w: &DeliveryWork) -> Self {
+        DeliveryMsg::new(w, raw_body(&w.payload))
     }
 
     pub fn to_message(&self, queue: &str) -> OutgoingMessage {

@@ -395,7 +395,8 @@ pub async fn record_deliveries(
     .bind(webhook_ids)
     .execute(&mut *conn)
     .await?;
-    // The body is the caller's: not read back once per endpoint.
+    // The body is the caller's: not read back (or copied) once per endpoint; the
+    // returned rows carry none.
     let rows = sqlx::query(
         "SELECT id, webhook_id, event_id, event_type, NULL::jsonb AS payload, attempts FROM deliveries \
          WHERE event_id = $1 AND status = 'pending' AND attempts = 0 AND next_attempt_at IS NULL",
@@ -403,14 +404,7 @@ pub async fn record_deliveries(
     .bind(event_id)
     .fetch_all(conn)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(DeliveryWork {
-                payload: payload.clone(),
-                ..work_from(r)?
-            })
-        })
-        .collect()
+    Ok(rows.iter().map(work_from).collect::<Result<_, _>>()?)
 }
 
 pub async fn delivery_status(

@@ -1083,7 +1083,8 @@ async fn history_expiry_removes_old_deliveries_their_attempts_and_their_bodies()
         gone += n;
     }
     drop(conn);
-    assert!(gone >= (2 * deliveries + bodies) as u64, "expired {gone}");
+    // Attempts of a delivery deleted first go with it (ON DELETE CASCADE), uncounted.
+    assert!(gone >= (deliveries + bodies) as u64, "expired {gone}");
     for table in ["deliveries", "delivery_attempts", "delivery_payloads"] {
         assert_eq!(
             env.count(&format!("SELECT count(*) FROM {table}")).await,

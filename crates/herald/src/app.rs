@@ -146,11 +146,13 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
         };
         let router = ReadRouter::new(primary, replica);
         let probe_publisher = Arc::new(Publisher::lazy(bus.clone()));
+        let probe_for_close = probe_publisher.clone();
         let broker: Probe = Arc::new(move || {
             let p = probe_publisher.clone();
             Box::pin(async move { p.ensure_connected().await.map_err(|e| e.to_string()) })
         });
         let queues_publisher = Arc::new(Publisher::lazy(bus.clone()));
+        let queues_publisher_for_close = queues_publisher.clone();
         let mut state = AppState::new(
             router,
             ApiSettings {
@@ -190,6 +192,16 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
         }));
         state.local = local.clone();
         tasks.extend(state.spawn_background(&cancel));
+        // Close the broker connections before the runtime goes: left open, their I/O
+        // threads log errors at exit.
+        let c = cancel.clone();
+        let closing = [probe_for_close, queues_publisher_for_close];
+        tasks.push(tokio::spawn(async move {
+            c.cancelled().await;
+            for p in closing {
+                p.close().await;
+            }
+        }));
         let listen = cfg.listen_addr()?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -213,14 +225,18 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             false,
         )?;
         let publisher = Arc::new(Publisher::lazy(bus.clone()));
-        tasks.push(tokio::spawn(herald_relay::run(
+        let relay = tokio::spawn(herald_relay::run(
             cfg.database.primary_url.clone(),
             pool,
             publisher.clone(),
             cfg.relay.clone(),
             local.clone(),
             cancel.clone(),
-        )));
+        ));
+        tasks.push(tokio::spawn(async move {
+            let _ = relay.await;
+            publisher.close().await;
+        }));
     }
 
     if roles.contains(&Role::Dispatch) {

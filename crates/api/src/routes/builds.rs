@@ -7,8 +7,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use herald_domain::{validate_jobs, Branch, BuildState, CommitSha, RawJob};
 use herald_storage::builds::{self, BuildFilter, NewBuild};
+use herald_storage::channels;
 use herald_storage::views::BuildView;
-use herald_storage::{channels, StorageError};
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -65,24 +65,9 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<BuildView>, ApiError> {
     let id = parse_id(&id, "build")?;
-    let reader = state.router.reader().await;
-    let result = match reader.pool.acquire().await {
-        Ok(mut conn) => builds::get_build_on(&mut conn, org, id).await,
-        Err(e) => Err(e.into()),
-    };
-    match result {
-        Ok(b) => Ok(Json(b)),
-        // Not on the replica yet, or the replica failed: the primary has the truth.
-        Err(e) if reader.is_replica => {
-            if !matches!(e, StorageError::NotFound(_)) {
-                tracing::warn!(error = %e, "replica read failed; using the primary");
-                state.router.replica_failed();
-            }
-            let mut conn = state.router.primary().acquire().await?;
-            Ok(Json(builds::get_build_on(&mut conn, org, id).await?))
-        }
-        Err(e) => Err(e.into()),
-    }
+    // Not on the replica yet, or the replica failed: the primary has the truth.
+    let build = read_or_primary!(state, |conn| builds::get_build_on(conn, org, id))?;
+    Ok(Json(build))
 }
 
 pub async fn list(
@@ -101,21 +86,7 @@ pub async fn list(
         before: p.before,
         limit: p.limit,
     };
-    let reader = state.router.reader().await;
-    let rows = match reader.pool.acquire().await {
-        Ok(mut conn) => builds::list_builds(&mut conn, org, &filter).await,
-        Err(e) => Err(e.into()),
-    };
-    let rows = match rows {
-        Ok(rows) => rows,
-        Err(e) if reader.is_replica => {
-            tracing::warn!(error = %e, "replica read failed; using the primary");
-            state.router.replica_failed();
-            let mut conn = state.router.primary().acquire().await?;
-            builds::list_builds(&mut conn, org, &filter).await?
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let rows = read_or_primary!(state, |conn| builds::list_builds(conn, org, &filter))?;
     Ok(Json(list_response(rows, p.limit, |b| b.id)))
 }
 

@@ -1,3 +1,36 @@
+/// Runs a read on the pool the router picks (the replica once it has this process's
+/// writes) and again on the primary when the replica fails or lacks the row.
+/// `read_or_primary!(state, |conn| some_read(conn, ...))` evaluates to the read's
+/// `Result<_, StorageError>`; `conn` is a `&mut PgConnection`.
+macro_rules! read_or_primary {
+    ($state:expr, |$conn:ident| $read:expr) => {{
+        let reader = $state.router.reader().await;
+        let first = match reader.pool.acquire().await {
+            Ok(mut c) => {
+                let $conn: &mut sqlx::PgConnection = &mut c;
+                $read.await
+            }
+            Err(e) => Err(herald_storage::StorageError::from(e)),
+        };
+        match first {
+            Err(e) if reader.is_replica => {
+                if !matches!(e, herald_storage::StorageError::NotFound(_)) {
+                    tracing::warn!(error = %e, "replica read failed; using the primary");
+                    $state.router.replica_failed();
+                }
+                match $state.router.primary().acquire().await {
+                    Ok(mut c) => {
+                        let $conn: &mut sqlx::PgConnection = &mut c;
+                        $read.await
+                    }
+                    Err(e) => Err(herald_storage::StorageError::from(e)),
+                }
+            }
+            other => other,
+        }
+    }};
+}
+
 pub mod agents;
 pub mod builds;
 pub mod health;

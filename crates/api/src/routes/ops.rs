@@ -82,21 +82,7 @@ pub async fn put_type(
 pub async fn queues(State(state): State<AppState>, _admin: Admin) -> Result<Json<Value>, ApiError> {
     // Counting backlogs scans them: the replica does it, so an operator polling this
     // during an incident does not load the primary that dispatch needs.
-    let reader = state.router.reader().await;
-    let stats = match reader.pool.acquire().await {
-        Ok(mut conn) => store::queue_stats(&mut conn).await,
-        Err(e) => Err(e.into()),
-    };
-    let stats = match stats {
-        Ok(stats) => stats,
-        Err(e) if reader.is_replica => {
-            tracing::warn!(error = %e, "replica read failed; using the primary");
-            state.router.replica_failed();
-            let mut conn = state.router.primary().acquire().await?;
-            store::queue_stats(&mut conn).await?
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let stats = read_or_primary!(state, |conn| store::queue_stats(conn))?;
     let mut items: Vec<Value> = stats.into_iter().map(|q| json!(q)).collect();
     if let Some(broker) = &state.broker_queues {
         items.extend(broker().await);

@@ -53,13 +53,6 @@ pub async fn get_pipeline(
     Org(org): Org,
     Path(slug): Path<String>,
 ) -> Result<Json<herald_storage::views::PipelineView>, ApiError> {
-    let reader = state.router.reader().await;
-    let mut conn = reader.pool.acquire().await?;
-    match orgs::get_pipeline(&mut conn, org, &slug).await {
-        Err(herald_storage::StorageError::NotFound(_)) if reader.is_replica => {
-            let mut conn = state.router.primary().acquire().await?;
-            Ok(Json(orgs::get_pipeline(&mut conn, org, &slug).await?))
-        }
-        other => Ok(Json(other?)),
-    }
+    let pipeline = read_or_primary!(state, |conn| orgs::get_pipeline(conn, org, &slug))?;
+    Ok(Json(pipeline))
 }

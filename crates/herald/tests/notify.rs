@@ -752,7 +752,12 @@ async fn killing_the_notify_worker_mid_batch_loses_no_delivery() {
         .await;
     let (api, reg) = org(&app, "acme").await;
     let (url, r) = spawn_receiver(ok_always, Duration::from_millis(20)).await;
-    let hook = webhook(&api, &url, json!(["job.*", "build.*"]), &r).await;
+    // Three endpoints: each event's deliveries travel in one message, so the kill
+    // also lands between the deliveries of one message.
+    let mut hooks = Vec::new();
+    for _ in 0..3 {
+        hooks.push(webhook(&api, &url, json!(["job.*", "build.*"]), &r).await);
+    }
     let (agent, _) = agent(&app, &reg, "ci-1").await;
     let _ = agent;
     let mut notify = env.spawn("notify", &[PRIVATE_OK]);
@@ -770,8 +775,9 @@ async fn killing_the_notify_worker_mid_batch_loses_no_delivery() {
     .await;
     kill9(&mut notify);
     let mut notify = env.spawn("notify", &[PRIVATE_OK]);
-    // Every event the hook subscribes to has exactly one delivery, and each succeeds.
-    let expected = env
+    // Every event the hooks subscribe to has exactly one delivery per hook, and each
+    // succeeds.
+    let expected = 3 * env
         .count("SELECT count(*) FROM outbox WHERE event_type LIKE 'job.%' OR event_type LIKE 'build.%'")
         .await;
     let d = eventually(T, "every delivery to succeed", || async {
@@ -799,7 +805,7 @@ async fn killing_the_notify_worker_mid_batch_loses_no_delivery() {
         rows.iter().all(|id| ids.contains(&id.to_string())),
         "every delivery reached the receiver"
     );
-    let _ = hook;
+    let _ = hooks;
     kill9(&mut notify);
     app.stop().await;
     env.cleanup().await;

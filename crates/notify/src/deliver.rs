@@ -6,7 +6,7 @@
 use crate::commit_status::GithubOutcome;
 use crate::controls::Mode;
 use crate::webhook::{self, Outcome as HttpOutcome};
-use crate::{DeliveryMsg, Notifier, StatusMsg};
+use crate::{BatchedDelivery, DeliveryBatch, Notifier, StatusMsg};
 use chrono::Utc;
 use herald_bus::{Incoming, Outcome};
 use herald_storage::notify::{self as store, AttemptRecord, StatusResult};
@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 type Pending = (AttemptRecord, oneshot::Sender<bool>);
 
@@ -34,13 +35,22 @@ impl AttemptWriter {
         (AttemptWriter { tx }, handle)
     }
 
-    /// Resolves once the record is committed; false if it could not be.
-    pub async fn record(&self, rec: AttemptRecord) -> bool {
-        let (done, wait) = oneshot::channel();
-        if self.tx.send((rec, done)).await.is_err() {
-            return false;
+    /// Resolves once all the records are committed; false if any could not be.
+    pub async fn record_all(&self, recs: Vec<AttemptRecord>) -> bool {
+        let mut waits = Vec::with_capacity(recs.len());
+        for rec in recs {
+            let (done, wait) = oneshot::channel();
+            if self.tx.send((rec, done)).await.is_err() {
+                return false;
+            }
+            waits.push(wait);
         }
-        wait.await.unwrap_or(false)
+        for wait in waits {
+            if !wait.await.unwrap_or(false) {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -81,9 +91,9 @@ async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, cancel: Cance
     }
 }
 
-fn record(msg: &DeliveryMsg, status: &str) -> AttemptRecord {
+fn record(d: &BatchedDelivery, status: &str) -> AttemptRecord {
     AttemptRecord {
-        delivery_id: msg.delivery_id,
+        delivery_id: d.delivery_id,
         status: status.to_owned(),
         attempted: false,
         next_attempt_at: None,
@@ -94,40 +104,80 @@ fn record(msg: &DeliveryMsg, status: &str) -> AttemptRecord {
     }
 }
 
+/// How long a delivery waits in PostgreSQL when it could not be tried (its webhook
+/// could not be read): the scheduler hands it back then.
+const NOT_TRIED_DELAY: chrono::Duration = chrono::Duration::seconds(2);
+
+/// One message: an event's deliveries, each sent on its own (within the type's
+/// concurrency and the rate limits), all results committed before the ack.
 pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
-    let Ok(m) = serde_json::from_slice::<DeliveryMsg>(&msg.body) else {
+    let Some(mut batch) = DeliveryBatch::parse(&msg.body) else {
         return Outcome::DeadLetter;
     };
     if msg.redelivered {
-        // We may have sent it already before a crash; the row knows.
-        if let Ok(mut conn) = n.pool.acquire().await {
-            if let Ok(Some(s)) = store::delivery_status(&mut conn, m.delivery_id).await {
-                if matches!(s.as_str(), "succeeded" | "dead" | "skipped") {
-                    return Outcome::Ack;
-                }
-            }
-        }
-    }
-    let rec = match n.controls.mode("webhook") {
-        Mode::Disabled => {
-            metrics::counter!("herald_notify_skipped_total", "type" => "webhook").increment(1);
-            record(&m, "skipped")
-        }
-        // Held in PostgreSQL, due at once: the scheduler sends it after resume.
-        Mode::Paused => AttemptRecord {
-            next_attempt_at: Some(Utc::now()),
-            ..record(&m, "pending")
-        },
-        Mode::Enabled => match attempt(&n, &m).await {
-            Ok(rec) => rec,
+        // Some may have been sent before a crash; the rows know.
+        let items: Vec<(Uuid, i32)> = batch
+            .deliveries
+            .iter()
+            .map(|d| (d.delivery_id, d.attempts))
+            .collect();
+        let open = async {
+            let mut conn = n.pool.acquire().await?;
+            store::still_to_attempt(&mut conn, &items).await
+        };
+        match open.await {
+            Ok(open) => batch.deliveries.retain(|d| open.contains(&d.delivery_id)),
             Err(e) => {
-                tracing::warn!(error = %e, delivery = %m.delivery_id, "delivery failed before sending; requeueing");
+                tracing::warn!(error = %e, "cannot read redelivered deliveries; requeueing");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 return Outcome::Requeue;
             }
-        },
+        }
+        if batch.deliveries.is_empty() {
+            return Outcome::Ack;
+        }
+    }
+    let records: Vec<AttemptRecord> = match n.controls.mode("webhook") {
+        Mode::Disabled => {
+            metrics::counter!("herald_notify_skipped_total", "type" => "webhook")
+                .increment(batch.deliveries.len() as u64);
+            batch
+                .deliveries
+                .iter()
+                .map(|d| record(d, "skipped"))
+                .collect()
+        }
+        // Held in PostgreSQL, due at once: the scheduler sends them after resume.
+        Mode::Paused => batch
+            .deliveries
+            .iter()
+            .map(|d| AttemptRecord {
+                next_attempt_at: Some(Utc::now()),
+                ..record(d, "pending")
+            })
+            .collect(),
+        Mode::Enabled => {
+            let b = &batch;
+            futures::future::join_all(b.deliveries.iter().map(|d| {
+                let n = &n;
+                async move {
+                    match attempt(n, b, d).await {
+                        Ok(rec) => rec,
+                        Err(e) => {
+                            tracing::warn!(error = %e, delivery = %d.delivery_id, "delivery failed before sending; retrying soon");
+                            AttemptRecord {
+                                next_attempt_at: Some(Utc::now() + NOT_TRIED_DELAY),
+                                error: Some(format!("not tried: {e}")),
+                                ..record(d, "pending")
+                            }
+                        }
+                    }
+                }
+            }))
+            .await
+        }
     };
-    if n.writer.record(rec).await {
+    if n.writer.record_all(records).await {
         Outcome::Ack
     } else {
         Outcome::Requeue
@@ -136,12 +186,13 @@ pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
 
 async fn attempt(
     n: &Notifier,
-    m: &DeliveryMsg,
+    b: &DeliveryBatch,
+    d: &BatchedDelivery,
 ) -> Result<AttemptRecord, herald_storage::StorageError> {
-    let Some(hook) = n.cache.webhook(&n.pool, m.webhook_id).await? else {
+    let Some(hook) = n.cache.webhook(&n.pool, d.webhook_id).await? else {
         return Ok(AttemptRecord {
             error: Some("webhook not found".into()),
-            ..record(m, "skipped")
+            ..record(d, "skipped")
         });
     };
     let (hook, deleted) = (&hook.0, hook.1);
@@ -153,7 +204,7 @@ async fn attempt(
         };
         return Ok(AttemptRecord {
             error: Some(why.into()),
-            ..record(m, "skipped")
+            ..record(d, "skipped")
         });
     }
     let host = reqwest::Url::parse(&hook.url)
@@ -168,11 +219,11 @@ async fn attempt(
         .send(
             &hook.url,
             &hook.secret,
-            &m.delivery_id.to_string(),
-            m.payload.get().as_bytes(),
+            &d.delivery_id.to_string(),
+            b.payload.get().as_bytes(),
         )
         .await;
-    let made = u32::try_from(m.attempts.max(0)).unwrap_or(0) + 1;
+    let made = u32::try_from(d.attempts.max(0)).unwrap_or(0) + 1;
     let (status, next) = match &a.outcome {
         HttpOutcome::Success => ("succeeded", None),
         HttpOutcome::Gone => {
@@ -192,7 +243,7 @@ async fn attempt(
     metrics::counter!("herald_notify_deliveries_total", "type" => "webhook", "status" => status)
         .increment(1);
     Ok(AttemptRecord {
-        delivery_id: m.delivery_id,
+        delivery_id: d.delivery_id,
         status: status.to_owned(),
         attempted: true,
         next_attempt_at: next

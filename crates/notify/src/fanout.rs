@@ -5,7 +5,7 @@
 
 use crate::commit_status;
 use crate::controls::Mode;
-use crate::{DeliveryMsg, Notifier, StatusMsg};
+use crate::{DeliveryBatch, Notifier, StatusMsg};
 use herald_bus::{Incoming, Outcome, OutgoingMessage};
 use herald_domain::{pattern_matches, EventType};
 use herald_storage::notify::{self as store, WantedStatus};
@@ -80,13 +80,17 @@ async fn room_for_deliveries(n: &Notifier) -> bool {
     }
 }
 
-/// The webhook queue's depth as last read (at most [`BACKLOG_READ_EVERY`] ago), plus
-/// what this process published since: a burst between two reads counts at once.
+/// Deliveries waiting in the webhook queue: its depth in messages as last read (at
+/// most [`BACKLOG_READ_EVERY`] ago) times the deliveries per message this process
+/// published, plus the deliveries published since: a burst between two reads counts
+/// at once.
 async fn webhook_backlog(n: &Notifier) -> Option<u32> {
     let cached = *lock_backlog(n);
-    if let Some((depth, at, added)) = cached {
-        if at.elapsed() < BACKLOG_READ_EVERY {
-            return Some(depth.saturating_add(added));
+    if let Some(b) = cached {
+        if b.read_at
+            .is_some_and(|at| at.elapsed() < BACKLOG_READ_EVERY)
+        {
+            return Some(b.estimate());
         }
     }
     let depth = n
@@ -95,21 +99,54 @@ async fn webhook_backlog(n: &Notifier) -> Option<u32> {
         .await
         .ok()
         .map(|(messages, _)| messages)?;
-    metrics::gauge!("herald_notify_webhook_backlog").set(f64::from(depth));
-    *lock_backlog(n) = Some((depth, std::time::Instant::now(), 0));
-    Some(depth)
+    metrics::gauge!("herald_notify_webhook_backlog_messages").set(f64::from(depth));
+    let mut b = lock_backlog(n);
+    let b = b.get_or_insert_with(Backlog::default);
+    b.messages = depth;
+    b.read_at = Some(std::time::Instant::now());
+    b.added = 0;
+    let estimate = b.estimate();
+    metrics::gauge!("herald_notify_webhook_backlog").set(f64::from(estimate));
+    Some(estimate)
 }
 
-fn published_deliveries(n: &Notifier, count: usize) {
-    if let Some((_, _, added)) = lock_backlog(n).as_mut() {
-        *added = added.saturating_add(u32::try_from(count).unwrap_or(u32::MAX));
-    }
+fn published_deliveries(n: &Notifier, messages: usize, deliveries: usize) {
+    let mut b = lock_backlog(n);
+    let b = b.get_or_insert_with(Backlog::default);
+    b.added = b.added.saturating_add(deliveries as u64);
+    b.total_messages = b.total_messages.saturating_add(messages as u64);
+    b.total_deliveries = b.total_deliveries.saturating_add(deliveries as u64);
 }
 
-fn lock_backlog(n: &Notifier) -> std::sync::MutexGuard<'_, Option<(u32, std::time::Instant, u32)>> {
+fn lock_backlog(n: &Notifier) -> std::sync::MutexGuard<'_, Option<Backlog>> {
     n.webhook_backlog
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the fan-out knows of the webhook queue's backlog.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Backlog {
+    /// The queue's depth in messages, as last read.
+    messages: u32,
+    /// When; never read yet if `None`.
+    read_at: Option<std::time::Instant>,
+    /// Deliveries published since that read.
+    added: u64,
+    total_messages: u64,
+    total_deliveries: u64,
+}
+
+impl Backlog {
+    fn estimate(&self) -> u32 {
+        let per_message = if self.total_messages == 0 {
+            1.0
+        } else {
+            self.total_deliveries as f64 / self.total_messages as f64
+        };
+        let d = f64::from(self.messages) * per_message + self.added as f64;
+        d.min(f64::from(u32::MAX)) as u32
+    }
 }
 
 async fn fan_out(
@@ -167,17 +204,17 @@ async fn fan_out(
             metrics::counter!("herald_notify_skipped_total", "type" => "webhook")
                 .increment(hooks.len() as u64);
         }
-        let msgs: Vec<OutgoingMessage> = work
-            .into_iter()
-            .map(|w| {
-                DeliveryMsg::new(&w, raw.clone()).to_message(&n.names.delivery_queue("webhook"))
-            })
-            .collect();
-        if !msgs.is_empty() {
+        if !work.is_empty() {
+            let queue = n.names.delivery_queue("webhook");
+            let msgs: Vec<OutgoingMessage> =
+                DeliveryBatch::for_event(event_id, kind.as_str(), &raw, &work)
+                    .iter()
+                    .map(|b| b.to_message(&queue))
+                    .collect();
             n.publisher.publish_batch("", &msgs).await?;
-            published_deliveries(n, msgs.len());
+            published_deliveries(n, msgs.len(), work.len());
             metrics::counter!("herald_notify_deliveries_created_total", "type" => "webhook")
-                .increment(msgs.len() as u64);
+                .increment(work.len() as u64);
         }
     }
 

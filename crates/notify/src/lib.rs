@@ -67,17 +67,44 @@ pub struct ThrottleConfig {
     pub increase: f64,
 }
 
-/// A delivery on its way to the webhook pool.
+/// Deliveries of one event on their way to the webhook pool: one broker message for
+/// up to [`MAX_BATCH`] of its endpoints, not one per endpoint. The broker's cost is
+/// per message (publish, confirm, deliver, ack), and an event's endpoints share the
+/// body anyway.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeliveryMsg {
-    pub delivery_id: Uuid,
-    pub webhook_id: Uuid,
+pub struct DeliveryBatch {
     pub event_id: Uuid,
     pub event_type: String,
-    pub attempts: i32,
     /// The exact body to sign and send: kept as text, never parsed into a map and
     /// written out again for each of an event's endpoints.
     pub payload: Box<serde_json::value::RawValue>,
+    pub deliveries: Vec<BatchedDelivery>,
+}
+
+/// One delivery of a [`DeliveryBatch`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct BatchedDelivery {
+    pub delivery_id: Uuid,
+    pub webhook_id: Uuid,
+    /// Attempts made before this one: a redelivered message whose row counts more
+    /// was attempted already.
+    pub attempts: i32,
+}
+
+/// The most deliveries one message carries.
+pub const MAX_BATCH: usize = 100;
+
+/// The message of one delivery, as versions before batching published it. Messages
+/// of that shape may still wait in a queue after an upgrade; they are read as a batch
+/// of one.
+#[derive(Debug, Deserialize)]
+struct SingleDelivery {
+    delivery_id: Uuid,
+    webhook_id: Uuid,
+    event_id: Uuid,
+    event_type: String,
+    attempts: i32,
+    payload: Box<serde_json::value::RawValue>,
 }
 
 /// A JSON value as the text of its body.
@@ -86,28 +113,80 @@ pub fn raw_body(v: &serde_json::Value) -> Box<serde_json::value::RawValue> {
         .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
 }
 
-impl DeliveryMsg {
-    /// A message for `w` with the body `payload` (one event's endpoints share it).
-    pub fn new(w: &DeliveryWork, payload: Box<serde_json::value::RawValue>) -> Self {
-        DeliveryMsg {
-            delivery_id: w.id,
-            webhook_id: w.webhook_id,
-            event_id: w.event_id,
-            event_type: w.event_type.clone(),
-            attempts: w.attempts,
-            payload,
-        }
+impl DeliveryBatch {
+    /// Messages for one event's rows `work`, which share the body `payload`.
+    pub fn for_event(
+        event_id: Uuid,
+        event_type: &str,
+        payload: &serde_json::value::RawValue,
+        work: &[DeliveryWork],
+    ) -> Vec<DeliveryBatch> {
+        work.chunks(MAX_BATCH)
+            .map(|chunk| DeliveryBatch {
+                event_id,
+                event_type: event_type.to_owned(),
+                payload: payload.to_owned(),
+                deliveries: chunk
+                    .iter()
+                    .map(|w| BatchedDelivery {
+                        delivery_id: w.id,
+                        webhook_id: w.webhook_id,
+                        attempts: w.attempts,
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 
-    /// A message for a row read back from PostgreSQL, with its stored body.
-    pub fn from_work(w: &DeliveryWork) -> Self {
-        DeliveryMsg::new(w, raw_body(&w.payload))
+    /// Messages for rows read back from PostgreSQL, grouped by event, each event's
+    /// stored body serialized once.
+    pub fn from_work(rows: &[&DeliveryWork]) -> Vec<DeliveryBatch> {
+        let mut index = std::collections::HashMap::new();
+        let mut by_event: Vec<(Uuid, Vec<DeliveryWork>)> = Vec::new();
+        for w in rows {
+            let i = *index.entry(w.event_id).or_insert_with(|| {
+                by_event.push((w.event_id, Vec::new()));
+                by_event.len() - 1
+            });
+            by_event[i].1.push((*w).clone());
+        }
+        by_event
+            .into_iter()
+            .flat_map(|(event_id, work)| {
+                let body = raw_body(&work[0].payload);
+                DeliveryBatch::for_event(event_id, &work[0].event_type, &body, &work)
+            })
+            .collect()
+    }
+
+    /// Reads a message body: a batch, or a single delivery of an older version.
+    pub fn parse(body: &[u8]) -> Option<DeliveryBatch> {
+        if let Ok(b) = serde_json::from_slice::<DeliveryBatch>(body) {
+            return Some(b);
+        }
+        let one = serde_json::from_slice::<SingleDelivery>(body).ok()?;
+        Some(DeliveryBatch {
+            event_id: one.event_id,
+            event_type: one.event_type,
+            payload: one.payload,
+            deliveries: vec![BatchedDelivery {
+                delivery_id: one.delivery_id,
+                webhook_id: one.webhook_id,
+                attempts: one.attempts,
+            }],
+        })
     }
 
     pub fn to_message(&self, queue: &str) -> OutgoingMessage {
+        let first = self.deliveries.first();
         OutgoingMessage {
             routing_key: queue.to_owned(),
-            message_id: format!("{}:{}", self.delivery_id, self.attempts),
+            message_id: format!(
+                "{}:{}:{}",
+                self.event_id,
+                first.map(|d| d.delivery_id).unwrap_or_default(),
+                first.map(|d| d.attempts).unwrap_or_default()
+            ),
             body: serde_json::to_vec(self).unwrap_or_default(),
             headers: Vec::new(),
         }
@@ -154,8 +233,8 @@ pub struct Notifier {
     pub throttle: Throttle,
     pub remote_health: Arc<throttle::RemoteHealth>,
     /// The webhook queue's depth as last read, when, and what this process has
-    /// published to it since.
-    pub webhook_backlog: std::sync::Mutex<Option<(u32, std::time::Instant, u32)>>,
+    /// published to it since (see `fanout::webhook_backlog`).
+    pub webhook_backlog: std::sync::Mutex<Option<fanout::Backlog>>,
     /// Fires when the role stops: waits give up and hand their message back.
     pub stopping: CancellationToken,
     pub writer: AttemptWriter,
@@ -188,7 +267,11 @@ pub async fn start(
     let publisher = Arc::new(Publisher::lazy(role.bus.clone()));
     let names = role.bus.names();
     let mut tasks = Vec::new();
-    let (writer, writer_task) = AttemptWriter::spawn(role.pool.clone(), cancel.child_token());
+    // The writer and the publisher outlive the workers that use them: they stop once
+    // those have drained (see the end of this function).
+    let writer_stop = CancellationToken::new();
+    let (writer, writer_task) = AttemptWriter::spawn(role.pool.clone(), writer_stop.clone());
+    let mut workers = Vec::new();
     let controls = Arc::new(TypeControls::default());
     if let Err(e) = controls.reload(&role.pool).await {
         tracing::warn!(error = %e, "cannot read notification switches yet; assuming enabled until the listener does");
@@ -259,7 +342,7 @@ pub async fn start(
         due.clone(),
         cancel.clone(),
     )));
-    tasks.push(tokio::spawn(scheduler::run(
+    workers.push(tokio::spawn(scheduler::run(
         role.primary_url.clone(),
         n.clone(),
         due,
@@ -301,7 +384,7 @@ pub async fn start(
         let n = n.clone();
         let bus = role.bus.clone();
         let c = cancel.clone();
-        tasks.push(tokio::spawn(async move {
+        workers.push(tokio::spawn(async move {
             let result = herald_bus::run_consumer(bus, spec, c, move |msg| {
                 let n = n.clone();
                 async move {
@@ -320,10 +403,11 @@ pub async fn start(
             }
         }));
     }
-    // The batch writer stops after the consumers drained.
-    let c = cancel.clone();
+    // The batch writer and the publisher stop after the consumers and the scheduler
+    // drained, so what they finish is recorded and published, not handed back.
     tasks.push(tokio::spawn(async move {
-        c.cancelled().await;
+        futures::future::join_all(workers).await;
+        writer_stop.cancel();
         let _ = writer_task.await;
         publisher.close().await;
     }));
@@ -335,4 +419,75 @@ enum Handler {
     Fanout,
     Webhook,
     Github,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn work(event: Uuid, n: usize) -> Vec<DeliveryWork> {
+        (0..n)
+            .map(|i| DeliveryWork {
+                id: Uuid::now_v7(),
+                webhook_id: Uuid::now_v7(),
+                event_id: event,
+                event_type: "job.finished".into(),
+                payload: serde_json::json!({"n": i}),
+                attempts: i32::try_from(i % 3).unwrap_or(0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_event_with_many_endpoints_travels_in_messages_of_at_most_max_batch() {
+        let event = Uuid::now_v7();
+        let w = work(event, MAX_BATCH * 2 + 1);
+        let body = raw_body(&serde_json::json!({"type": "job.finished"}));
+        let batches = DeliveryBatch::for_event(event, "job.finished", &body, &w);
+        let sizes: Vec<usize> = batches.iter().map(|b| b.deliveries.len()).collect();
+        assert_eq!(sizes, vec![MAX_BATCH, MAX_BATCH, 1]);
+        let ids: Vec<Uuid> = batches
+            .iter()
+            .flat_map(|b| b.deliveries.iter().map(|d| d.delivery_id))
+            .collect();
+        assert_eq!(ids, w.iter().map(|x| x.id).collect::<Vec<_>>());
+        // The message round-trips with the body untouched.
+        let m = batches[2].to_message("q");
+        let back = DeliveryBatch::parse(&m.body).expect("parse");
+        assert_eq!(back.payload.get(), body.get());
+        assert_eq!(back.deliveries[0].attempts, w[MAX_BATCH * 2].attempts);
+    }
+
+    #[test]
+    fn rows_read_back_are_grouped_by_event_with_each_event_s_body() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut rows = work(a, 2);
+        rows.extend(work(b, 1));
+        rows.extend(work(a, 1));
+        let refs: Vec<&DeliveryWork> = rows.iter().collect();
+        let batches = DeliveryBatch::from_work(&refs);
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batches[0].event_id, a);
+        assert_eq!(batches[0].deliveries.len(), 3);
+        assert_eq!(batches[0].payload.get(), r#"{"n":0}"#);
+        assert_eq!(batches[1].event_id, b);
+        assert_eq!(batches[1].deliveries.len(), 1);
+    }
+
+    #[test]
+    fn a_single_delivery_message_of_an_older_version_reads_as_a_batch_of_one() {
+        let (d, w, e) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let old = serde_json::json!({
+            "delivery_id": d, "webhook_id": w, "event_id": e,
+            "event_type": "build.finished", "attempts": 2, "payload": {"x": 1}
+        });
+        let b = DeliveryBatch::parse(old.to_string().as_bytes()).expect("legacy message");
+        assert_eq!(b.event_id, e);
+        assert_eq!(b.deliveries.len(), 1);
+        assert_eq!(b.deliveries[0].delivery_id, d);
+        assert_eq!(b.deliveries[0].webhook_id, w);
+        assert_eq!(b.deliveries[0].attempts, 2);
+        assert_eq!(b.payload.get(), r#"{"x":1}"#);
+        assert!(DeliveryBatch::parse(b"{\"nope\": true}").is_none());
+    }
 }

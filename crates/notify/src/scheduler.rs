@@ -4,7 +4,7 @@
 //! lock; it sleeps until the next row is due or a notification wakes it.
 
 use crate::controls::Mode;
-use crate::{DeliveryMsg, Notifier, StatusMsg};
+use crate::{DeliveryBatch, Notifier, StatusMsg};
 use chrono::Utc;
 use herald_storage::maintenance::{self, keys};
 use herald_storage::notify::{self as store, AttemptRecord};
@@ -105,9 +105,10 @@ async fn pass(session: &mut PgConnection, n: &Notifier) -> Result<bool, StorageE
                 store::record_attempts(session, &skipped).await?;
             } else if !rows.is_empty() {
                 let queue = n.names.delivery_queue("webhook");
-                let msgs: Vec<_> = rows
+                let work: Vec<_> = rows.iter().map(|(w, _)| w).collect();
+                let msgs: Vec<_> = DeliveryBatch::from_work(&work)
                     .iter()
-                    .map(|(w, _)| DeliveryMsg::from_work(w).to_message(&queue))
+                    .map(|b| b.to_message(&queue))
                     .collect();
                 if let Err(e) = n.publisher.publish_batch("", &msgs).await {
                     tracing::warn!(error = %e, "cannot hand due deliveries to the broker");

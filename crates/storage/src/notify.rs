@@ -407,16 +407,23 @@ pub async fn record_deliveries(
     Ok(rows.iter().map(work_from).collect::<Result<_, _>>()?)
 }
 
-pub async fn delivery_status(
+/// Of `(delivery, attempts made before)` pairs of a redelivered message, the
+/// deliveries still waiting for that attempt: pending, in the broker (not held or
+/// scheduled in PostgreSQL), with no attempt recorded since.
+pub async fn still_to_attempt(
     conn: &mut PgConnection,
-    id: Uuid,
-) -> Result<Option<String>, StorageError> {
-    Ok(
-        sqlx::query_scalar("SELECT status FROM deliveries WHERE id = $1")
-            .bind(id)
-            .fetch_optional(conn)
-            .await?,
+    items: &[(Uuid, i32)],
+) -> Result<Vec<Uuid>, StorageError> {
+    let (ids, attempts): (Vec<Uuid>, Vec<i32>) = items.iter().copied().unzip();
+    Ok(sqlx::query_scalar(
+        "SELECT d.id FROM deliveries d JOIN unnest($1::uuid[], $2::int[]) AS v(id, attempts) \
+           ON d.id = v.id \
+         WHERE d.status = 'pending' AND d.attempts = v.attempts AND d.next_attempt_at IS NULL",
     )
+    .bind(&ids)
+    .bind(&attempts)
+    .fetch_all(conn)
+    .await?)
 }
 
 pub async fn list_deliveries(

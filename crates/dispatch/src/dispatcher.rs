@@ -109,8 +109,9 @@ impl HealthReport {
     }
 }
 
-/// One transaction. After commit it tells the parked pings (in any process) and wakes
-/// the relay; see `herald_storage::wake` for why not from inside the transaction.
+/// One round (two statements, each committing on its own). After the assignment
+/// commits it tells the parked pings (in any process) and wakes the relay; see
+/// `herald_storage::wake` for why not from inside the transaction.
 pub async fn round(
     pool: &PgPool,
     waker: &Waker,
@@ -118,14 +119,14 @@ pub async fn round(
     fresh_since: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<RoundOutcome, StorageError> {
     let started = Instant::now();
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
     metrics::histogram!("herald_db_pool_acquire_seconds", "pool" => "dispatch")
         .record(started.elapsed().as_secs_f64());
-    let round = match dispatch::assign_round(&mut tx, batch_agents).await {
+    let round = match dispatch::assign_round(&mut conn, batch_agents).await {
         Ok(r) => r,
-        // Two dispatchers raced for one agent; the unique index stopped the second.
+        // Two dispatchers raced for one agent; the unique index stopped the second
+        // (its statement rolled back on its own).
         Err(StorageError::Database(e)) if StorageError::is_unique_violation(&e) => {
-            tx.rollback().await?;
             return Ok(RoundOutcome {
                 assigned: 0,
                 deferred: 1,
@@ -134,8 +135,8 @@ pub async fn round(
         }
         Err(e) => return Err(e),
     };
+    drop(conn);
     let assigned = round.assigned;
-    tx.commit().await?;
     if !assigned.is_empty() {
         for a in &assigned {
             waker.send(channels::ASSIGNED, format!("{} {}", a.agent_id, a.job_id));

@@ -436,6 +436,41 @@ async fn jobs_go_by_priority_then_age_and_each_queue_finds_its_agents() {
         .count("SELECT count(*) FROM jobs j JOIN agents a ON a.id = j.agent_id WHERE a.name LIKE 'cpu-%'")
         .await;
     assert_eq!(on_default, 0, "no job went to an agent of another queue");
+
+    // Each assignment wrote one job.assigned event, committed with it, showing the job
+    // as the assignment left it (agent, time) inside its build.
+    let events: Vec<(
+        serde_json::Value,
+        uuid::Uuid,
+        uuid::Uuid,
+        chrono::DateTime<chrono::Utc>,
+        i32,
+    )> = sqlx::query_as(
+        "SELECT o.payload, j.id, j.agent_id, j.assigned_at, b.number FROM outbox o \
+             JOIN jobs j ON j.id = (o.payload #>> '{data,job,id}')::uuid \
+             JOIN builds b ON b.id = j.build_id \
+             WHERE o.event_type = 'job.assigned' ORDER BY o.id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("assigned events");
+    assert_eq!(events.len(), 4, "one event per assignment: {events:?}");
+    for (payload, job, agent, assigned_at, number) in &events {
+        assert_eq!(payload["type"], "job.assigned");
+        let j = &payload["data"]["job"];
+        assert_eq!(j["state"], "assigned", "{payload}");
+        assert_eq!(j["agent_id"], agent.to_string(), "{payload}");
+        let at: chrono::DateTime<chrono::Utc> =
+            serde_json::from_value(j["assigned_at"].clone()).expect("assigned_at");
+        assert_eq!(
+            at.timestamp_micros(),
+            assigned_at.timestamp_micros(),
+            "{payload}"
+        );
+        assert_eq!(payload["data"]["build"]["number"], *number, "{payload}");
+        assert_eq!(payload["data"]["build"]["pipeline"], "web", "{payload}");
+        assert!(events.iter().filter(|e| e.1 == *job).count() == 1);
+    }
     app.stop().await;
     env.cleanup().await;
 }

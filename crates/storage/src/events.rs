@@ -80,15 +80,16 @@ pub async fn insert_quiet(
     .map(|_| ())
 }
 
-struct OutboxRows {
-    ids: Vec<Uuid>,
-    types: Vec<String>,
-    orgs: Vec<Uuid>,
-    builds: Vec<Option<Uuid>>,
-    payloads: Vec<serde_json::Value>,
+/// Events as the columns of `outbox`, for a statement that inserts them itself.
+pub(crate) struct OutboxRows {
+    pub ids: Vec<Uuid>,
+    pub types: Vec<String>,
+    pub orgs: Vec<Uuid>,
+    pub builds: Vec<Option<Uuid>>,
+    pub payloads: Vec<serde_json::Value>,
 }
 
-fn outbox_rows(events: Vec<NewEvent>) -> OutboxRows {
+pub(crate) fn outbox_rows(events: Vec<NewEvent>) -> OutboxRows {
     let now = Utc::now();
     let mut r = OutboxRows {
         ids: Vec::with_capacity(events.len()),

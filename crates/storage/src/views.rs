@@ -33,24 +33,41 @@ pub const BUILD_COLUMNS: &str =
      p.slug AS pipeline, p.repository, b.created_at, b.started_at, b.finished_at, \
      b.cancel_requested_at IS NOT NULL AS canceled";
 
-impl FromRow<'_, PgRow> for BuildView {
-    fn from_row(r: &PgRow) -> Result<Self, sqlx::Error> {
+/// [`BUILD_COLUMNS`] named `b_…`, for a row that also carries a job's columns.
+pub const BUILD_COLUMNS_AS_B: &str =
+    "b.id AS b_id, b.org_id AS b_org_id, b.number AS b_number, b.state AS b_state, \
+     b.commit_sha AS b_commit_sha, b.branch AS b_branch, b.message AS b_message, \
+     p.slug AS b_pipeline, p.repository AS b_repository, b.created_at AS b_created_at, \
+     b.started_at AS b_started_at, b.finished_at AS b_finished_at, \
+     b.cancel_requested_at IS NOT NULL AS b_canceled";
+
+impl BuildView {
+    /// Reads the columns of [`BUILD_COLUMNS`] (prefix `""`) or [`BUILD_COLUMNS_AS_B`]
+    /// (prefix `"b_"`).
+    pub fn from_row_prefixed(r: &PgRow, prefix: &str) -> Result<Self, sqlx::Error> {
+        let c = |name: &str| -> String { format!("{prefix}{name}") };
         Ok(BuildView {
-            id: r.try_get("id")?,
-            org_id: r.try_get("org_id")?,
-            number: r.try_get("number")?,
-            state: r.try_get("state")?,
-            commit: r.try_get("commit_sha")?,
-            branch: r.try_get("branch")?,
-            message: r.try_get("message")?,
-            pipeline: r.try_get("pipeline")?,
-            repository: r.try_get("repository")?,
-            created_at: r.try_get("created_at")?,
-            started_at: r.try_get("started_at")?,
-            finished_at: r.try_get("finished_at")?,
-            canceled: r.try_get("canceled")?,
+            id: r.try_get(c("id").as_str())?,
+            org_id: r.try_get(c("org_id").as_str())?,
+            number: r.try_get(c("number").as_str())?,
+            state: r.try_get(c("state").as_str())?,
+            commit: r.try_get(c("commit_sha").as_str())?,
+            branch: r.try_get(c("branch").as_str())?,
+            message: r.try_get(c("message").as_str())?,
+            pipeline: r.try_get(c("pipeline").as_str())?,
+            repository: r.try_get(c("repository").as_str())?,
+            created_at: r.try_get(c("created_at").as_str())?,
+            started_at: r.try_get(c("started_at").as_str())?,
+            finished_at: r.try_get(c("finished_at").as_str())?,
+            canceled: r.try_get(c("canceled").as_str())?,
             jobs: None,
         })
+    }
+}
+
+impl FromRow<'_, PgRow> for BuildView {
+    fn from_row(r: &PgRow) -> Result<Self, sqlx::Error> {
+        BuildView::from_row_prefixed(r, "")
     }
 }
 

@@ -190,6 +190,10 @@ listen_addresses = '${PG_HOST}'
 hot_standby = on
 # Keep the standby from cancelling Herald's read queries.
 hot_standby_feedback = on
+# ...and report its oldest snapshot every second, not every 10 s: the primary cannot
+# prune row versions newer than the last report, and dispatch's index scans walk the
+# dead versions of every job transition made since (about 500 a second under load).
+wal_receiver_status_interval = 1s
 max_standby_streaming_delay = 30s
 max_standby_archive_delay = 30s
 # A hot standby refuses to start if these are lower than on the primary."

@@ -139,7 +139,14 @@ pub async fn round(
     let assigned = round.assigned;
     if !assigned.is_empty() {
         for a in &assigned {
-            waker.send(channels::ASSIGNED, format!("{} {}", a.agent_id, a.job_id));
+            // Other processes read the job when their ping wakes; a ping parked in
+            // this one gets it along.
+            let ids = format!("{} {}", a.agent_id, a.job_id);
+            let full = match serde_json::to_string(&a.job) {
+                Ok(job) => format!("{ids} {job}"),
+                Err(_) => ids.clone(),
+            };
+            waker.send_split(channels::ASSIGNED, ids, full);
         }
         waker.wake(channels::OUTBOX);
     }

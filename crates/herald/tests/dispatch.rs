@@ -120,6 +120,44 @@ async fn fan_in_of_200_jobs_finished_by_50_agents_at_once() {
         2,
         "one build.finished per build, however many propagations ran"
     );
+    // Propagation's events show the jobs as it committed them: the released final job
+    // runnable since the moment its row says, the skipped ones finished.
+    type At = Option<chrono::DateTime<chrono::Utc>>;
+    let events: Vec<(String, serde_json::Value, At, At)> =
+        sqlx::query_as(
+            "SELECT o.event_type, o.payload, j.scheduled_at, j.finished_at FROM outbox o \
+             JOIN jobs j ON j.id = (o.payload #>> '{data,job,id}')::uuid \
+             WHERE j.key IN ('final', 'after') \
+               AND (o.event_type = 'job.scheduled' OR o.payload #>> '{data,job,state}' = 'skipped')",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .expect("propagation events");
+    let micros = |v: &serde_json::Value| {
+        serde_json::from_value::<chrono::DateTime<chrono::Utc>>(v.clone())
+            .map(|t| t.timestamp_micros())
+            .ok()
+    };
+    // The passing build's final job released; the failing build's final and after
+    // skipped.
+    assert_eq!(events.len(), 3, "{events:?}");
+    for (kind, payload, scheduled_at, finished_at) in &events {
+        let j = &payload["data"]["job"];
+        if kind == "job.scheduled" {
+            assert_eq!(j["state"], "scheduled");
+            assert_eq!(
+                micros(&j["scheduled_at"]),
+                scheduled_at.map(|t| t.timestamp_micros())
+            );
+        } else {
+            assert_eq!(kind, "job.finished");
+            assert_eq!(j["state"], "skipped");
+            assert_eq!(
+                micros(&j["finished_at"]),
+                finished_at.map(|t| t.timestamp_micros())
+            );
+        }
+    }
     app.stop().await;
     env.cleanup().await;
 }

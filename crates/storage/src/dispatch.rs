@@ -23,6 +23,8 @@ pub struct Assignment {
     pub job_id: Uuid,
     pub agent_id: Uuid,
     pub scheduled_at: Option<DateTime<Utc>>,
+    /// The job as the assignment committed it.
+    pub job: JobView,
 }
 
 /// What one round did.
@@ -186,6 +188,7 @@ pub async fn assign_round(
         .unzip();
     // Each event shows the job as the assignment leaves it; only the events of the
     // pairs that are made are inserted.
+    let mut after: HashMap<Uuid, JobView> = HashMap::with_capacity(chosen.len());
     let evs: Vec<NewEvent> = chosen
         .iter()
         .map(|&(i, agent)| {
@@ -196,31 +199,28 @@ pub async fn assign_round(
                 assigned_at: Some(at),
                 ..c.job.clone()
             };
-            NewEvent::job(EventType::JobAssigned, &c.build, &job)
+            let e = NewEvent::job(EventType::JobAssigned, &c.build, &job);
+            after.insert(job.id, job);
+            e
         })
         .collect();
     let ev = events::outbox_rows(evs);
-    let made = sqlx::query(ASSIGN)
-        .bind(&job_ids)
-        .bind(&agent_ids)
-        .bind(at)
-        .bind(&ev.ids)
-        .bind(&ev.types)
-        .bind(&ev.orgs)
-        .bind(&ev.builds)
-        .bind(&ev.payloads)
+    let made = ev
+        .bind_to(sqlx::query(ASSIGN).bind(&job_ids).bind(&agent_ids).bind(at))
         .fetch_all(&mut *conn)
         .await?;
-    let assigned = made
-        .iter()
-        .map(|r| {
-            Ok(Assignment {
-                job_id: r.try_get("id")?,
+    let mut assigned = Vec::with_capacity(made.len());
+    for r in &made {
+        let job_id: Uuid = r.try_get("id")?;
+        if let Some(job) = after.remove(&job_id) {
+            assigned.push(Assignment {
+                job_id,
                 agent_id: r.try_get("agent_id")?,
                 scheduled_at: r.try_get("scheduled_at")?,
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+                job,
+            });
+        }
+    }
     // No NOTIFY here: the caller sends `herald_assigned` and wakes the relay (see
     // `wake`).
     Ok(Round {

@@ -66,15 +66,10 @@ pub async fn insert_quiet(
         return Ok(());
     }
     let rows = outbox_rows(events);
-    sqlx::query(
+    rows.bind_to(sqlx::query(
         "INSERT INTO outbox (event_id, event_type, org_id, build_id, payload) \
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::jsonb[])",
-    )
-    .bind(&rows.ids)
-    .bind(&rows.types)
-    .bind(&rows.orgs)
-    .bind(&rows.builds)
-    .bind(&rows.payloads)
+    ))
     .execute(&mut *conn)
     .await
     .map(|_| ())
@@ -87,6 +82,19 @@ pub(crate) struct OutboxRows {
     pub orgs: Vec<Uuid>,
     pub builds: Vec<Option<Uuid>>,
     pub payloads: Vec<serde_json::Value>,
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+impl OutboxRows {
+    /// Binds the five columns, in this order, as the statement's next parameters.
+    pub(crate) fn bind_to<'q>(&'q self, q: PgQuery<'q>) -> PgQuery<'q> {
+        q.bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.orgs)
+            .bind(&self.builds)
+            .bind(&self.payloads)
+    }
 }
 
 pub(crate) fn outbox_rows(events: Vec<NewEvent>) -> OutboxRows {

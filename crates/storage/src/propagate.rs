@@ -5,10 +5,11 @@
 use crate::error::StorageError;
 use crate::events::{self, NewEvent};
 use crate::views::{BuildView, JobView, BUILD_COLUMNS, JOB_COLUMNS};
+use chrono::{DateTime, SubsecRound, Utc};
 use herald_domain::{
     derive_build_state, plan_propagation, BuildState, EventType, JobState, PropagationJob,
 };
-use sqlx::{PgConnection, Row};
+use sqlx::{FromRow, PgConnection, Row};
 use std::collections::HashMap;
 use uuid::Uuid;
 
@@ -26,19 +27,40 @@ pub enum Propagation {
     },
 }
 
+/// Jobs of one build change in one statement that also writes their events, and it is
+/// the transaction's last: a job becomes runnable (`scheduled_at`) as close to the
+/// commit as it can, so the dispatcher sees it at once.
+const APPLY: &str = "\
+WITH upd AS ( \
+    UPDATE jobs AS j SET state = v.st, updated_at = now(), \
+        scheduled_at = CASE WHEN v.st = 'scheduled' THEN $3 ELSE j.scheduled_at END, \
+        finished_at = CASE WHEN v.st = 'skipped' THEN now() ELSE j.finished_at END \
+    FROM unnest($1::uuid[], $2::text[]) AS v(id, st) \
+    WHERE j.id = v.id AND j.state = 'waiting' \
+    RETURNING j.id), \
+ev AS ( \
+    INSERT INTO outbox (event_id, event_type, org_id, build_id, payload) \
+    SELECT e.event_id, e.event_type, e.org_id, e.build_id, e.payload \
+    FROM unnest($4::uuid[], $5::uuid[], $6::text[], $7::uuid[], $8::uuid[], $9::jsonb[]) \
+         WITH ORDINALITY AS e(job_id, event_id, event_type, org_id, build_id, payload, ord) \
+    WHERE e.job_id IS NULL OR e.job_id IN (SELECT id FROM upd) \
+    ORDER BY e.ord) \
+SELECT id FROM upd";
+
 pub async fn propagate_build(
     conn: &mut PgConnection,
     build_id: Uuid,
 ) -> Result<Propagation, StorageError> {
     // Skip a locked build rather than queue behind it; the caller retries.
-    let locked: Option<BuildView> = sqlx::query_as(&format!(
-        "SELECT {BUILD_COLUMNS} FROM builds b JOIN pipelines p ON p.id = b.pipeline_id \
+    let locked = sqlx::query(&format!(
+        "SELECT {BUILD_COLUMNS}, now() AS tx_now, clock_timestamp() AS db_clock \
+         FROM builds b JOIN pipelines p ON p.id = b.pipeline_id \
          WHERE b.id = $1 FOR UPDATE OF b SKIP LOCKED"
     ))
     .bind(build_id)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some(build) = locked else {
+    let Some(locked) = locked else {
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM builds WHERE id = $1)")
             .bind(build_id)
             .fetch_one(&mut *conn)
@@ -54,85 +76,110 @@ pub async fn propagate_build(
             }
         });
     };
+    let read_at = std::time::Instant::now();
+    let build = BuildView::from_row(&locked)?;
+    let tx_now: DateTime<Utc> = locked.try_get("tx_now")?;
+    let db_clock: DateTime<Utc> = locked.try_get("db_clock")?;
     let build_state: BuildState = build.state.parse().map_err(StorageError::Conflict)?;
     let cancel_requested = build.canceled;
 
     // Edges come from the jobs' own `depends_on` keys: one read for the whole graph.
-    let rows = sqlx::query(
-        "SELECT id, key, state, depends_on FROM jobs WHERE build_id = $1 ORDER BY position",
-    )
+    // Whole rows: the events show the jobs as this transaction leaves them.
+    let views: Vec<JobView> = sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j WHERE j.build_id = $1 ORDER BY j.position"
+    ))
     .bind(build_id)
     .fetch_all(&mut *conn)
     .await?;
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut jobs = Vec::with_capacity(rows.len());
-    let mut deps: Vec<Vec<String>> = Vec::with_capacity(rows.len());
-    let mut index: HashMap<String, usize> = HashMap::with_capacity(rows.len());
-    for (i, r) in rows.iter().enumerate() {
-        let s: String = r.try_get("state")?;
-        let d: sqlx::types::Json<Vec<String>> = r.try_get("depends_on")?;
-        ids.push(r.try_get::<Uuid, _>("id")?);
-        index.insert(r.try_get("key")?, i);
-        deps.push(d.0);
+    let mut jobs = Vec::with_capacity(views.len());
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(views.len());
+    for (i, v) in views.iter().enumerate() {
+        index.insert(v.key.as_str(), i);
         jobs.push(PropagationJob {
-            state: s.parse().map_err(StorageError::Conflict)?,
+            state: v.state.parse().map_err(StorageError::Conflict)?,
             depends_on: Vec::new(),
         });
     }
-    for (i, d) in deps.iter().enumerate() {
-        jobs[i].depends_on = d.iter().filter_map(|k| index.get(k).copied()).collect();
+    for (i, v) in views.iter().enumerate() {
+        let deps: Vec<String> = serde_json::from_value(v.depends_on.clone()).map_err(|e| {
+            StorageError::Conflict(format!("job {} has unreadable depends_on: {e}", v.id))
+        })?;
+        jobs[i].depends_on = deps
+            .iter()
+            .filter_map(|k| index.get(k.as_str()).copied())
+            .collect();
     }
 
     let plan = plan_propagation(&jobs);
-    let mut changed_ids = Vec::with_capacity(plan.len());
-    let mut changed_states = Vec::with_capacity(plan.len());
     for &(i, state) in &plan {
         jobs[i].state = state;
-        changed_ids.push(ids[i]);
-        changed_states.push(state.as_str());
     }
-    // Only rows still waiting change: never write a row to the value it has.
-    let changed: Vec<JobView> = if changed_ids.is_empty() {
-        Vec::new()
-    } else {
-        sqlx::query_as(&format!(
-            "UPDATE jobs AS j SET state = v.st, updated_at = now(), \
-                 scheduled_at = CASE WHEN v.st = 'scheduled' THEN clock_timestamp() ELSE j.scheduled_at END, \
-                 finished_at = CASE WHEN v.st = 'skipped' THEN now() ELSE j.finished_at END \
-             FROM unnest($1::uuid[], $2::text[]) AS v(id, st) \
-             WHERE j.id = v.id AND j.state = 'waiting' \
-             RETURNING {JOB_COLUMNS}"
-        ))
-        .bind(&changed_ids)
-        .bind(&changed_states)
-        .fetch_all(&mut *conn)
-        .await?
-    };
-    let mut events = Vec::with_capacity(changed.len() + 1);
-    let (mut scheduled, mut skipped) = (0, 0);
-    for j in &changed {
-        let event_type = if j.state == JobState::Scheduled.as_str() {
-            scheduled += 1;
-            EventType::JobScheduled
-        } else {
-            skipped += 1;
-            EventType::JobFinished
-        };
-        events.push(NewEvent::job(event_type, &build, j));
-    }
-
     let next = derive_build_state(build_state, cancel_requested, jobs.iter().map(|j| j.state));
     let moved = move_build(conn, build_id, build_state, next).await?;
+    if plan.is_empty() && moved.is_none() {
+        return Ok(Propagation::Done {
+            scheduled: 0,
+            skipped: 0,
+            build_state: None,
+            wrote_events: false,
+        });
+    }
+    // The database's clock, in microseconds as it keeps them.
+    let runnable_at = (db_clock
+        + chrono::Duration::from_std(read_at.elapsed()).unwrap_or_default())
+    .trunc_subsecs(6);
+    let mut changed_ids = Vec::with_capacity(plan.len());
+    let mut changed_states = Vec::with_capacity(plan.len());
+    let mut event_jobs: Vec<Option<Uuid>> = Vec::with_capacity(plan.len() + 1);
+    let mut events = Vec::with_capacity(plan.len() + 1);
+    for &(i, state) in &plan {
+        let mut j = views[i].clone();
+        j.state = state.as_str().to_owned();
+        let event_type = if state == JobState::Scheduled {
+            j.scheduled_at = Some(runnable_at);
+            EventType::JobScheduled
+        } else {
+            j.finished_at = Some(tx_now);
+            EventType::JobFinished
+        };
+        changed_ids.push(j.id);
+        changed_states.push(state.as_str());
+        event_jobs.push(Some(j.id));
+        events.push(NewEvent::job(event_type, &build, &j));
+    }
     if let Some(b) = &moved {
+        event_jobs.push(None);
         events.push(NewEvent::build(build_event(next), b));
     }
-    let wrote_events = !events.is_empty();
-    events::insert_quiet(conn, events).await?;
+    let ev = events::outbox_rows(events);
+    let updated: Vec<Uuid> = ev
+        .bind_to(
+            sqlx::query(APPLY)
+                .bind(&changed_ids)
+                .bind(&changed_states)
+                .bind(runnable_at)
+                .bind(&event_jobs),
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get("id"))
+        .collect::<Result<_, _>>()?;
+    let (mut scheduled, mut skipped) = (0, 0);
+    for &(i, state) in &plan {
+        if updated.contains(&views[i].id) {
+            if state == JobState::Scheduled {
+                scheduled += 1;
+            } else {
+                skipped += 1;
+            }
+        }
+    }
     Ok(Propagation::Done {
         scheduled,
         skipped,
         build_state: moved.map(|_| next),
-        wrote_events,
+        wrote_events: !updated.is_empty() || event_jobs.contains(&None),
     })
 }
 

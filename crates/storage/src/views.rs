@@ -2,7 +2,7 @@
 //! and an API client see the same build.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, Row};
 use uuid::Uuid;
@@ -71,7 +71,9 @@ impl FromRow<'_, PgRow> for BuildView {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// Also read back (`Deserialize`): the dispatcher hands the job it just assigned to a
+/// parked ping in its own process, so the ping need not read it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobView {
     pub id: Uuid,
     pub build_id: Uuid,

@@ -215,6 +215,14 @@ impl Waker {
         self.with_pending(|p| p.messages.push((channel, payload)));
     }
 
+    /// Sends `payload` on `channel` to other processes, and `local`, a fuller form of
+    /// the same message, to this process's listeners: what is cheap in memory need not
+    /// fit (or travel through) a `NOTIFY`.
+    pub fn send_split(&self, channel: &'static str, payload: String, local: String) {
+        self.inner.local.publish(channel, Arc::from(local.as_str()));
+        self.with_pending(|p| p.messages.push((channel, payload)));
+    }
+
     fn with_pending(&self, f: impl FnOnce(&mut Pending)) {
         let mut pending = self
             .inner

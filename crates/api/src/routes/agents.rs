@@ -103,20 +103,24 @@ pub async fn ping(
     state.heartbeats.record(agent.id);
     let mut mailbox = state.parked.subscribe(agent.id);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let answer = |job: &JobView| {
+        if let Some(at) = job.scheduled_at {
+            let latency = (Utc::now() - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            metrics::histogram!("herald_dispatch_latency_seconds").record(latency);
+        }
+        Ok((StatusCode::OK, Json(ping_job(job))).into_response())
+    };
     loop {
-        let current = *mailbox.borrow_and_update();
-        if let Some(job_id) = current {
+        let current = mailbox.borrow_and_update().clone();
+        if let Some(mail) = current {
+            // Assigned by this process a moment ago: the job as committed came along.
+            if let Some(job) = mail.fresh_job(agent.id) {
+                return answer(job);
+            }
             let mut conn = state.router.primary().acquire().await?;
-            match jobs::job_for_agent(&mut conn, agent.id, job_id).await {
-                Ok(job) if job.state == "assigned" => {
-                    if let Some(at) = job.scheduled_at {
-                        let latency =
-                            (Utc::now() - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-                        metrics::histogram!("herald_dispatch_latency_seconds").record(latency);
-                    }
-                    return Ok((StatusCode::OK, Json(ping_job(&job))).into_response());
-                }
-                Ok(_) | Err(StorageError::NotFound(_)) => state.parked.clear(agent.id, job_id),
+            match jobs::job_for_agent(&mut conn, agent.id, mail.job).await {
+                Ok(job) if job.state == "assigned" => return answer(&job),
+                Ok(_) | Err(StorageError::NotFound(_)) => state.parked.clear(agent.id, mail.job),
                 Err(e) => return Err(e.into()),
             }
         }

@@ -188,11 +188,13 @@ write_replica_conf() {
 port = ${REPLICA_PORT}
 listen_addresses = '${PG_HOST}'
 hot_standby = on
-# Keep the standby from cancelling Herald's read queries.
-hot_standby_feedback = on
-# ...and report its oldest snapshot every second, not every 10 s: the primary cannot
-# prune row versions newer than the last report, and dispatch's index scans walk the
-# dead versions of every job transition made since (about 500 a second under load).
+# No feedback: with it the primary keeps every row version the standby's oldest
+# snapshot might see (as of its last report, up to 10 s old), and dispatch's index
+# scans walk the dead versions of every job transition made since (about 500 a second
+# under load). Herald's replica reads take milliseconds; a conflicting one makes replay
+# wait (up to the delay below), it is not cancelled, and a read whose write has not
+# been replayed yet goes to the primary anyway.
+hot_standby_feedback = off
 wal_receiver_status_interval = 1s
 max_standby_streaming_delay = 30s
 max_standby_archive_delay = 30s

@@ -129,6 +129,31 @@ async fn full_build_life_cycle_over_http() {
     let ids: std::collections::HashSet<&str> =
         events.iter().map(|(id, _, _)| id.as_str()).collect();
     assert_eq!(ids.len(), events.len(), "each event has its own message id");
+    // The first job's start and finish events show it as the call left it: what the
+    // agent was answered, which is what the row says.
+    let of_job = |kind: &str| {
+        events
+            .iter()
+            .find(|(_, k, b)| k == kind && b["data"]["job"]["id"] == job.id.to_string())
+            .map(|(_, _, b)| b["data"]["job"].clone())
+            .expect(kind)
+    };
+    let (started, finished_job) = (of_job("job.started"), of_job("job.finished"));
+    assert_eq!(started["state"], "running");
+    assert!(started["started_at"].is_string());
+    assert_eq!(finished_job["state"], "passed");
+    assert_eq!(finished_job["exit_status"], 0);
+    assert_eq!(finished_job["finished_at"], done["finished_at"]);
+    assert_eq!(finished_job["started_at"], started["started_at"]);
+    let row_finished: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT finished_at FROM jobs WHERE id = $1")
+            .bind(job.id)
+            .fetch_one(&env.pool)
+            .await
+            .expect("row");
+    let said: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(finished_job["finished_at"].clone()).expect("finished_at");
+    assert_eq!(said, row_finished);
 
     // Agent disconnect.
     let (status, _) = call(&agent, Method::POST, "/v1/agent/disconnect", None).await;

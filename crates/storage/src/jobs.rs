@@ -3,11 +3,12 @@
 
 use crate::channels;
 use crate::error::StorageError;
-use crate::events;
+use crate::events::{self, NewEvent};
 use crate::propagate::move_build_quiet;
-use crate::views::{JobView, JOB_COLUMNS};
+use crate::views::{BuildView, JobView, BUILD_COLUMNS_AS_B, JOB_COLUMNS};
+use chrono::{DateTime, SubsecRound, Utc};
 use herald_domain::{BuildState, EventType, JobAction, JobState};
-use sqlx::{PgConnection, Row};
+use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +42,149 @@ pub struct Applied {
     pub wrote_events: bool,
     /// The agent became free: the caller wakes `herald_dispatch` after commit.
     pub freed_agent: bool,
+}
+
+/// The state an agent's call moves `job` to; `None` when the call already took effect
+/// (retries after a timeout are safe).
+fn decide(job: &JobView, call: AgentCall) -> Result<Option<JobState>, StorageError> {
+    let state: JobState = job.state.parse().map_err(StorageError::Conflict)?;
+    match call {
+        AgentCall::Accept if job.accepted_at.is_some() => return Ok(None),
+        AgentCall::Start if job.started_at.is_some() => return Ok(None),
+        AgentCall::Finish { exit_status } if job.finished_at.is_some() => {
+            return if job.exit_status == Some(exit_status) || state == JobState::Canceled {
+                Ok(None)
+            } else {
+                Err(StorageError::Conflict(format!(
+                    "job already finished with exit status {}",
+                    job.exit_status.map_or("none".into(), |s| s.to_string())
+                )))
+            };
+        }
+        _ => {}
+    }
+    let action = match call {
+        AgentCall::Accept => JobAction::Accept,
+        AgentCall::Start => JobAction::Start,
+        AgentCall::Finish { exit_status } => JobAction::Finish { exit_status },
+    };
+    Ok(Some(state.transition(action)?))
+}
+
+/// How often a call retries when its job changed between its read and its write.
+const CALL_ATTEMPTS: usize = 5;
+
+/// Applies an agent's call outside any transaction: one read, then one statement that
+/// changes the job only if it is still in the state that was read and writes its
+/// event with it (compare-and-set; another change in between makes it read again).
+/// Two round trips instead of six, and no lock held between them. The first accept of
+/// a build also moves the build, under its lock: that one runs as [`apply`] in a
+/// transaction of its own.
+pub async fn apply_call(
+    conn: &mut PgConnection,
+    agent_id: Uuid,
+    job_id: Uuid,
+    call: AgentCall,
+) -> Result<Applied, StorageError> {
+    for _ in 0..CALL_ATTEMPTS {
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS}, {BUILD_COLUMNS_AS_B}, clock_timestamp() AS db_now \
+             FROM jobs j JOIN builds b ON b.id = j.build_id JOIN pipelines p ON p.id = b.pipeline_id \
+             WHERE j.id = $1 AND j.agent_id = $2"
+        ))
+        .bind(job_id)
+        .bind(agent_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StorageError::NotFound("job"))?;
+        let read_at = std::time::Instant::now();
+        let job = JobView::from_row(&row)?;
+        let build = BuildView::from_row_prefixed(&row, "b_")?;
+        let Some(next) = decide(&job, call)? else {
+            return Ok(Applied {
+                job,
+                wrote_events: false,
+                freed_agent: false,
+            });
+        };
+        if matches!(call, AgentCall::Accept) && build.state == BuildState::Scheduled.as_str() {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let applied = apply(&mut tx, agent_id, job_id, call).await?;
+            tx.commit().await?;
+            return Ok(applied);
+        }
+        let db_now: DateTime<Utc> = row.try_get("db_now")?;
+        // The database's clock, in microseconds as it keeps them.
+        let at = (db_now + chrono::Duration::from_std(read_at.elapsed()).unwrap_or_default())
+            .trunc_subsecs(6);
+        let mut after = JobView {
+            state: next.as_str().to_owned(),
+            ..job.clone()
+        };
+        let (set, event) = match call {
+            AgentCall::Accept => {
+                after.accepted_at = Some(at);
+                ("accepted_at = $4", None)
+            }
+            AgentCall::Start => {
+                after.started_at = Some(at);
+                ("started_at = $4", Some(EventType::JobStarted))
+            }
+            AgentCall::Finish { exit_status } => {
+                after.finished_at = Some(at);
+                after.exit_status = Some(exit_status);
+                (
+                    "finished_at = $4, exit_status = $10",
+                    Some(EventType::JobFinished),
+                )
+            }
+        };
+        let evs: Vec<NewEvent> = event
+            .map(|e| NewEvent::job(e, &build, &after))
+            .into_iter()
+            .collect();
+        let ev = events::outbox_rows(evs);
+        let sql = format!(
+            "WITH upd AS ( \
+                 UPDATE jobs AS j SET state = $9, {set}, updated_at = $4 \
+                 WHERE j.id = $1 AND j.agent_id = $2 AND j.state = $3 RETURNING j.id), \
+             ev AS ( \
+                 INSERT INTO outbox (event_id, event_type, org_id, build_id, payload) \
+                 SELECT * FROM unnest($5::uuid[], $6::text[], $7::uuid[], $8::uuid[], $11::jsonb[]) \
+                 WHERE EXISTS (SELECT 1 FROM upd)) \
+             SELECT count(*) AS n FROM upd"
+        );
+        // $5-$8 and $11 are the event's columns: ids, types, orgs, builds, payloads.
+        let changed: i64 = sqlx::query(&sql)
+            .bind(job_id)
+            .bind(agent_id)
+            .bind(&job.state)
+            .bind(at)
+            .bind(&ev.ids)
+            .bind(&ev.types)
+            .bind(&ev.orgs)
+            .bind(&ev.builds)
+            .bind(next.as_str())
+            .bind(match call {
+                AgentCall::Finish { exit_status } => Some(exit_status),
+                _ => None,
+            })
+            .bind(&ev.payloads)
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get("n")?;
+        if changed == 1 {
+            return Ok(Applied {
+                job: after,
+                wrote_events: event.is_some(),
+                freed_agent: matches!(call, AgentCall::Finish { .. }),
+            });
+        }
+        // Changed in between (a cancel, a sweep): read it again and decide anew.
+    }
+    Err(StorageError::Conflict(
+        "the job kept changing; try again".into(),
+    ))
 }
 
 /// Applies an agent's call in the caller's transaction. Sends no `NOTIFY`; see
@@ -86,30 +230,9 @@ pub async fn apply(
     .fetch_optional(&mut *conn)
     .await?
     .ok_or(StorageError::NotFound("job"))?;
-    let state: JobState = job.state.parse().map_err(StorageError::Conflict)?;
-
-    // Retries after a timeout are safe.
-    match call {
-        AgentCall::Accept if job.accepted_at.is_some() => return Ok(unchanged(job)),
-        AgentCall::Start if job.started_at.is_some() => return Ok(unchanged(job)),
-        AgentCall::Finish { exit_status } if job.finished_at.is_some() => {
-            return if job.exit_status == Some(exit_status) || state == JobState::Canceled {
-                Ok(unchanged(job))
-            } else {
-                Err(StorageError::Conflict(format!(
-                    "job already finished with exit status {}",
-                    job.exit_status.map_or("none".into(), |s| s.to_string())
-                )))
-            };
-        }
-        _ => {}
-    }
-    let action = match call {
-        AgentCall::Accept => JobAction::Accept,
-        AgentCall::Start => JobAction::Start,
-        AgentCall::Finish { exit_status } => JobAction::Finish { exit_status },
+    let Some(next) = decide(&job, call)? else {
+        return Ok(unchanged(job));
     };
-    let next = state.transition(action)?;
     let set = match call {
         AgentCall::Accept => "state = 'accepted', accepted_at = now()",
         AgentCall::Start => "state = 'running', started_at = now()",

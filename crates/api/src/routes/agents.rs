@@ -165,9 +165,9 @@ async fn call(
     call: AgentCall,
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_id(id, "job")?;
-    let mut tx = state.router.primary().begin().await?;
-    let applied = jobs::apply(&mut tx, agent, id, call).await?;
-    tx.commit().await?;
+    let mut conn = state.router.primary().acquire().await?;
+    let applied = jobs::apply_call(&mut conn, agent, id, call).await?;
+    drop(conn);
     if applied.wrote_events {
         state.wake(&[channels::OUTBOX]);
     }

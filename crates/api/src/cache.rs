@@ -70,4 +70,70 @@ impl TokenCache {
             map.clear();
         }
     }
+
+    /// The agents cached now.
+    pub fn cached_agents(&self) -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> = self
+            .agents
+            .lock()
+            .map(|m| m.values().map(|(a, _)| a.id).collect())
+            .unwrap_or_default();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Replaces what is cached about agents with `fresh` (read after the cached set was
+    /// taken); a cached agent missing from it is gone. One query for a resync instead
+    /// of one per agent at its next request.
+    pub fn refresh_agents(&self, asked: &[Uuid], fresh: &[AgentAuth]) {
+        let by_id: HashMap<Uuid, &AgentAuth> = fresh.iter().map(|a| (a.id, a)).collect();
+        if let Ok(mut map) = self.agents.lock() {
+            map.retain(|_, (a, _)| {
+                if asked.binary_search(&a.id).is_err() {
+                    // Cached after the read: it is as fresh as the read.
+                    return true;
+                }
+                match by_id.get(&a.id) {
+                    Some(f) => {
+                        *a = (*f).clone();
+                        true
+                    }
+                    None => false,
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_domain::AgentState;
+
+    fn auth(id: Uuid, state: AgentState) -> AgentAuth {
+        AgentAuth {
+            id,
+            org_id: Uuid::nil(),
+            state,
+        }
+    }
+
+    #[test]
+    fn a_refresh_updates_kept_agents_drops_gone_ones_and_keeps_newer_entries() {
+        let cache = TokenCache::default();
+        let (kept, gone, later) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        cache.put_agent("t-kept", auth(kept, AgentState::Connected));
+        cache.put_agent("t-gone", auth(gone, AgentState::Connected));
+        let asked = cache.cached_agents();
+        // Cached after the read was taken: not judged by it.
+        cache.put_agent("t-later", auth(later, AgentState::Connected));
+        cache.refresh_agents(&asked, &[auth(kept, AgentState::Lost)]);
+        assert_eq!(
+            cache.agent("t-kept").map(|a| a.state),
+            Some(AgentState::Lost)
+        );
+        assert!(cache.agent("t-gone").is_none());
+        assert_eq!(cache.agent("t-later").map(|a| a.id), Some(later));
+    }
 }

@@ -120,7 +120,10 @@ pub async fn listen(
         match h {
             Heard::Notice { channel, payload } => handle(&channel, &payload, &parked, &cache),
             Heard::Resync => {
-                cache.forget_all_agents();
+                if let Err(e) = refresh_agents(&pool, &cache).await {
+                    tracing::warn!(error = %e, "cannot re-read cached agents; forgetting them");
+                    cache.forget_all_agents();
+                }
                 if let Err(e) = resync(&pool, &parked).await {
                     tracing::warn!(error = %e, "cannot reload pending assignments");
                 }
@@ -148,6 +151,21 @@ fn handle(channel: &str, payload: &str, parked: &Parked, cache: &TokenCache) {
             parked.forget(agent);
         }
     }
+}
+
+/// A departure may have been missed: re-read every cached agent in one query.
+async fn refresh_agents(
+    pool: &PgPool,
+    cache: &TokenCache,
+) -> Result<(), herald_storage::StorageError> {
+    let ids = cache.cached_agents();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut conn = pool.acquire().await?;
+    let fresh = herald_storage::agents::auth_by_ids(&mut conn, &ids).await?;
+    cache.refresh_agents(&ids, &fresh);
+    Ok(())
 }
 
 async fn resync(pool: &PgPool, parked: &Parked) -> Result<(), herald_storage::StorageError> {

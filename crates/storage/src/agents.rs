@@ -45,6 +45,28 @@ pub async fn register(
     Ok((agent, token))
 }
 
+/// The current auth facts of the agents `ids`, in one query; agents that no longer
+/// exist are absent.
+pub async fn auth_by_ids(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<AgentAuth>, StorageError> {
+    let rows = sqlx::query("SELECT id, org_id, state FROM agents WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let state: String = row.try_get("state")?;
+            Ok(AgentAuth {
+                id: row.try_get("id")?,
+                org_id: row.try_get("org_id")?,
+                state: state.parse().map_err(StorageError::Conflict)?,
+            })
+        })
+        .collect()
+}
+
 pub async fn auth(conn: &mut PgConnection, token: &str) -> Result<Option<AgentAuth>, StorageError> {
     let row = sqlx::query("SELECT id, org_id, state FROM agents WHERE token_hash = $1")
         .bind(tokens::hash(token))

@@ -14,6 +14,13 @@
 //! Listeners in the same process hear a wake-up at once, through [`LocalWakes`], and
 //! skip its echo from PostgreSQL (recognised by the sending backend's pid): on a busy
 //! box each hop through the database is a few milliseconds of waiting for a CPU.
+//!
+//! When no other process listens, nothing is sent to PostgreSQL at all. Each listening
+//! connection names itself `herald-listen:<id of its process's LocalWakes>`; a waker
+//! looks (at most once a second, and only when it has something to send) for listeners
+//! of other processes in its database. A process that starts listening may miss what
+//! was skipped before a waker looked again, so its listeners resync once more a few
+//! seconds after they connect.
 
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -33,6 +40,8 @@ pub struct LocalWakes {
     /// Backend pids of this process's waker connections: their notifications were
     /// delivered here already.
     own: Arc<Mutex<HashSet<u32>>>,
+    /// The `application_name` of this process's listening connections.
+    listener_name: Arc<str>,
 }
 
 impl Default for LocalWakes {
@@ -40,9 +49,24 @@ impl Default for LocalWakes {
         LocalWakes {
             tx: broadcast::channel(4096).0,
             own: Arc::default(),
+            listener_name: Arc::from(format!(
+                "{LISTENER_PREFIX}{}",
+                uuid::Uuid::new_v4().simple()
+            )),
         }
     }
 }
+
+/// How listening connections name themselves (`application_name`), followed by the id
+/// of their process's [`LocalWakes`].
+const LISTENER_PREFIX: &str = "herald-listen:";
+
+/// How long a waker trusts what it last saw of other processes' listeners.
+const LISTENERS_FRESH: Duration = Duration::from_secs(1);
+
+/// When a listener resyncs once more after connecting: by then every waker has looked
+/// for listeners again, so nothing it skipped meanwhile stays unseen.
+const LATE_RESYNC: Duration = Duration::from_secs(3);
 
 impl LocalWakes {
     fn publish(&self, channel: &'static str, payload: Arc<str>) {
@@ -120,7 +144,11 @@ pub fn listen(
                     continue;
                 }
             };
-            if let Err(e) = listener.listen_all(wanted.iter().copied()).await {
+            let ready = async {
+                name_listener(&mut listener, &local).await?;
+                listener.listen_all(wanted.iter().copied()).await
+            };
+            if let Err(e) = ready.await {
                 tracing::warn!(error = %e, ?wanted, "cannot LISTEN; retrying");
                 tokio::time::sleep(backoff).await;
                 continue;
@@ -129,9 +157,19 @@ pub fn listen(
             if tx.send(Heard::Resync).await.is_err() {
                 return;
             }
+            let late_resync = tokio::time::sleep(LATE_RESYNC);
+            tokio::pin!(late_resync);
+            let mut late_done = false;
             loop {
                 let next = tokio::select! {
                     n = listener.try_recv() => n,
+                    _ = &mut late_resync, if !late_done => {
+                        late_done = true;
+                        if tx.send(Heard::Resync).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     _ = cancel.cancelled() => return,
                 };
                 let heard = match next {
@@ -140,8 +178,15 @@ pub fn listen(
                         channel: n.channel().to_owned(),
                         payload: n.payload().to_owned(),
                     },
-                    // Reconnected underneath: what came in between is lost.
-                    Ok(None) => Heard::Resync,
+                    // Reconnected underneath: what came in between is lost, and the
+                    // new connection has its default name.
+                    Ok(None) => {
+                        if let Err(e) = name_listener(&mut listener, &local).await {
+                            tracing::warn!(error = %e, "cannot name the listener; reconnecting");
+                            break;
+                        }
+                        Heard::Resync
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, ?wanted, "listener failed; reconnecting");
                         break;
@@ -154,6 +199,27 @@ pub fn listen(
         }
     });
     rx
+}
+
+async fn name_listener(listener: &mut PgListener, local: &LocalWakes) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT set_config('application_name', $1, false)")
+        .bind(local.listener_name.as_ref())
+        .execute(listener)
+        .await
+        .map(|_| ())
+}
+
+/// Whether a process other than `local`'s listens in this database.
+async fn others_listen(conn: &mut PgConnection, local: &LocalWakes) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name LIKE $1 || '%' \
+           AND application_name <> $2)",
+    )
+    .bind(LISTENER_PREFIX)
+    .bind(local.listener_name.as_ref())
+    .fetch_one(conn)
+    .await
 }
 
 #[derive(Default)]
@@ -238,6 +304,8 @@ impl Waker {
 async fn run(pool: PgPool, inner: Arc<Inner>, cancel: CancellationToken) {
     let mut conn: Option<PgConnection> = None;
     let mut own_pid: Option<u32> = None;
+    // Whether another process listens, and when that was looked at.
+    let mut others: Option<(bool, std::time::Instant)> = None;
     loop {
         let stopping = tokio::select! {
             _ = inner.signal.notified() => false,
@@ -279,20 +347,37 @@ async fn run(pool: PgPool, inner: Arc<Inner>, cancel: CancellationToken) {
                 }
             }
             let sent = match conn.as_mut() {
-                Some(c) => sqlx::query(
-                    "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)",
-                )
-                .bind(&channels)
-                .bind(&payloads)
-                .execute(c)
-                .await
-                .map(|_| ()),
+                Some(c) => {
+                    let stale = others.is_none_or(|(_, at)| at.elapsed() >= LISTENERS_FRESH);
+                    if stale {
+                        match others_listen(c, &inner.local).await {
+                            Ok(yes) => others = Some((yes, std::time::Instant::now())),
+                            // Cannot tell: send.
+                            Err(_) => others = None,
+                        }
+                    }
+                    if others.is_some_and(|(yes, _)| !yes) {
+                        Ok(false)
+                    } else {
+                        sqlx::query(
+                            "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)",
+                        )
+                        .bind(&channels)
+                        .bind(&payloads)
+                        .execute(c)
+                        .await
+                        .map(|_| true)
+                    }
+                }
                 None => Err(sqlx::Error::PoolTimedOut),
             };
             match sent {
-                Ok(()) => {
+                Ok(true) => {
                     metrics::counter!("herald_wakes_sent_total").increment(channels.len() as u64)
                 }
+                // Only this process listens: it heard them in memory.
+                Ok(false) => metrics::counter!("herald_wakes_local_only_total")
+                    .increment(channels.len() as u64),
                 // The listeners' backstop polls pick the work up.
                 Err(e) => {
                     conn = None;

@@ -287,20 +287,16 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
                 Arc::new(herald_dispatch::dispatcher::health::recent)
                     as herald_notify::DispatchHealth
             });
-        let notify_tasks = herald_notify::start(
-            herald_notify::NotifyRole {
-                pool,
-                primary_url: cfg.database.primary_url.clone(),
-                bus: bus.clone(),
-                settings: cfg.notify.clone(),
-                allow_private_networks: cfg.webhooks.allow_private_networks,
-                dispatch_health,
-                local: local.clone(),
-            },
-            cancel.clone(),
-        )
-        .await?;
-        tasks.extend(notify_tasks);
+        let role = herald_notify::NotifyRole {
+            pool,
+            primary_url: cfg.database.primary_url.clone(),
+            bus: bus.clone(),
+            settings: cfg.notify.clone(),
+            allow_private_networks: cfg.webhooks.allow_private_networks,
+            dispatch_health,
+            local: local.clone(),
+        };
+        tasks.push(start_notify_runtime(role, cancel.clone()).await?);
     }
 
     if roles.contains(&Role::Maintenance) {
@@ -320,6 +316,70 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
         cancel,
         tasks,
     })
+}
+
+/// Runs the notify role on a tokio runtime of its own, in threads that run at CPU
+/// niceness `notify.nice`: notification work never waits in the same run queue as
+/// dispatch's and the API's tasks, and when the machine is busy the kernel runs those
+/// first. Resolves once the role has started; the returned task ends when it stopped.
+async fn start_notify_runtime(
+    role: herald_notify::NotifyRole,
+    cancel: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (threads, nice) = (role.settings.worker_threads.max(1), role.settings.nice);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    let thread = std::thread::Builder::new()
+        .name("herald-notify".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("herald-notify-rt")
+                .on_thread_start(move || lower_priority(nice))
+                .enable_all()
+                .build();
+            let rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("notify runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match herald_notify::start(role, cancel).await {
+                    Ok(tasks) => {
+                        let _ = ready_tx.send(Ok(()));
+                        futures::future::join_all(tasks).await;
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+        })?;
+    ready_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the notify runtime stopped while starting"))??;
+    Ok(tokio::spawn(async move {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }))
+}
+
+/// Raises the calling thread's niceness (Linux: per thread). Best effort: a thread that
+/// keeps its priority still works.
+fn lower_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    if nice > 0 {
+        // SAFETY: plain system calls on the calling thread's own id.
+        let r = unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+        };
+        if r != 0 {
+            tracing::debug!("cannot lower the notify thread's priority");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -148,6 +148,12 @@ impl Config {
         if self.agents.ping_wait_max_s == 0 || self.agents.ping_wait_max_s > 120 {
             bail!("invalid configuration: agents.ping_wait_max_s must be 1-120");
         }
+        if !(0..=19).contains(&self.notify.nice) {
+            bail!("invalid configuration: notify.nice must be 0-19");
+        }
+        if !(1..=64).contains(&self.notify.worker_threads) {
+            bail!("invalid configuration: notify.worker_threads must be 1-64");
+        }
         for (key, v) in [
             ("dispatch.accept_timeout_s", self.dispatch.accept_timeout_s),
             ("agents.lost_after_s", self.agents.lost_after_s),

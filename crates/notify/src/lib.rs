@@ -31,6 +31,10 @@ use uuid::Uuid;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct NotifySettings {
+    /// The role runs on a runtime of its own, with this many threads, at this CPU
+    /// niceness (0 = as the rest of the process).
+    pub worker_threads: usize,
+    pub nice: i32,
     pub fanout_prefetch: u16,
     pub fanout_concurrency: usize,
     /// Webhook deliveries allowed to wait in the broker before the fan-out pauses

@@ -236,9 +236,9 @@ impl Receivers {
         let mut listeners = Vec::new();
         for h in 0..hosts {
             let ip = Ipv4Addr::new(127, 0, 0, u8::try_from(h + 1).unwrap_or(1));
-            let l = tokio::net::TcpListener::bind((ip, 0))
-                .await
+            let l = std::net::TcpListener::bind((ip, 0))
                 .with_context(|| format!("binding a receiver on {ip}"))?;
+            l.set_nonblocking(true)?;
             listeners.push(l);
         }
         let addrs: Vec<SocketAddr> = listeners
@@ -285,16 +285,41 @@ impl Receivers {
             window: Mutex::new(new_hist()),
             measuring: AtomicBool::new(false),
         });
-        for l in listeners {
-            let app = Router::new()
-                .route("/hook/{i}", post(receive))
-                .with_state(r.clone());
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(l, app).await {
-                    eprintln!("[notify] receiver stopped: {e}");
-                }
-            });
-        }
+        // The receivers stand for other machines: they get a runtime (and threads) of
+        // their own, so that thousands of webhook requests never queue in front of the
+        // simulated agents' pings, whose return time is the dispatch latency measured.
+        let state = r.clone();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("receivers")
+            .enable_all()
+            .build()
+            .context("the receivers' runtime")?;
+        std::thread::Builder::new()
+            .name("receivers".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    for l in listeners {
+                        let app = Router::new()
+                            .route("/hook/{i}", post(receive))
+                            .with_state(state.clone());
+                        let l = match tokio::net::TcpListener::from_std(l) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                eprintln!("[notify] receiver cannot listen: {e}");
+                                continue;
+                            }
+                        };
+                        tokio::spawn(async move {
+                            if let Err(e) = axum::serve(l, app).await {
+                                eprintln!("[notify] receiver stopped: {e}");
+                            }
+                        });
+                    }
+                    std::future::pending::<()>().await;
+                });
+            })
+            .context("the receivers' thread")?;
         Ok(r)
     }
 

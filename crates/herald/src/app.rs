@@ -296,7 +296,12 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             dispatch_health,
             local: local.clone(),
         };
-        tasks.push(start_notify_runtime(role, cancel.clone()).await?);
+        if role.settings.worker_threads == 0 {
+            // On this process's runtime, with everything else.
+            tasks.extend(herald_notify::start(role, cancel.clone()).await?);
+        } else {
+            tasks.push(start_notify_runtime(role, cancel.clone()).await?);
+        }
     }
 
     if roles.contains(&Role::Maintenance) {

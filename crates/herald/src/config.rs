@@ -151,8 +151,8 @@ impl Config {
         if !(0..=19).contains(&self.notify.nice) {
             bail!("invalid configuration: notify.nice must be 0-19");
         }
-        if !(1..=64).contains(&self.notify.worker_threads) {
-            bail!("invalid configuration: notify.worker_threads must be 1-64");
+        if self.notify.worker_threads > 64 {
+            bail!("invalid configuration: notify.worker_threads must be 0-64");
         }
         for (key, v) in [
             ("dispatch.accept_timeout_s", self.dispatch.accept_timeout_s),

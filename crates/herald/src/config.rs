@@ -268,5 +268,17 @@ mod tests {
             format!("{err:#}").contains("allow_private_networks"),
             "{err:#}"
         );
+        let err = Config::load_from(None, &env(&[("HERALD_NOTIFY__NICE", "25")]))
+            .expect_err("nice out of range");
+        assert!(format!("{err:#}").contains("notify.nice"), "{err:#}");
+        let err = Config::load_from(None, &env(&[("HERALD_NOTIFY__WORKER_THREADS", "100")]))
+            .expect_err("too many threads");
+        assert!(
+            format!("{err:#}").contains("notify.worker_threads"),
+            "{err:#}"
+        );
+        let c = Config::load_from(None, &env(&[("HERALD_NOTIFY__WORKER_THREADS", "0")]))
+            .expect("0 shares the process's runtime");
+        assert_eq!(c.notify.worker_threads, 0);
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::error::StorageError;
 use crate::events::{self, NewEvent};
-use crate::views::{BuildView, JobView, BUILD_COLUMNS, JOB_COLUMNS};
+use crate::views::{BuildView, JobView, BUILD_COLUMNS, BUILD_COLUMNS_AS_B, JOB_COLUMNS};
 use chrono::{DateTime, SubsecRound, Utc};
 use herald_domain::{
     derive_build_state, plan_propagation, BuildState, EventType, JobState, PropagationJob,
@@ -51,16 +51,22 @@ pub async fn propagate_build(
     conn: &mut PgConnection,
     build_id: Uuid,
 ) -> Result<Propagation, StorageError> {
-    // Skip a locked build rather than queue behind it; the caller retries.
-    let locked = sqlx::query(&format!(
-        "SELECT {BUILD_COLUMNS}, now() AS tx_now, clock_timestamp() AS db_clock \
-         FROM builds b JOIN pipelines p ON p.id = b.pipeline_id \
-         WHERE b.id = $1 FOR UPDATE OF b SKIP LOCKED"
+    // Skip a locked build rather than queue behind it; the caller retries. The build
+    // and its jobs come back in one round trip: one row per job, each carrying the
+    // build (`b_…`). Edges come from the jobs' own `depends_on` keys; whole rows,
+    // because the events show the jobs as this transaction leaves them.
+    let rows = sqlx::query(&format!(
+        "WITH b AS MATERIALIZED ( \
+             SELECT {BUILD_COLUMNS_AS_B}, now() AS tx_now, clock_timestamp() AS db_clock \
+             FROM builds b JOIN pipelines p ON p.id = b.pipeline_id \
+             WHERE b.id = $1 FOR UPDATE OF b SKIP LOCKED) \
+         SELECT b.*, {JOB_COLUMNS} FROM b LEFT JOIN jobs j ON j.build_id = b.b_id ORDER BY j.position"
     ))
     .bind(build_id)
-    .fetch_optional(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    let Some(locked) = locked else {
+    let Some(first) = rows.first() else {
+        // Locked by another propagation, or gone.
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM builds WHERE id = $1)")
             .bind(build_id)
             .fetch_one(&mut *conn)
@@ -77,20 +83,17 @@ pub async fn propagate_build(
         });
     };
     let read_at = std::time::Instant::now();
-    let build = BuildView::from_row(&locked)?;
-    let tx_now: DateTime<Utc> = locked.try_get("tx_now")?;
-    let db_clock: DateTime<Utc> = locked.try_get("db_clock")?;
+    let build = BuildView::from_row_prefixed(first, "b_")?;
+    let tx_now: DateTime<Utc> = first.try_get("tx_now")?;
+    let db_clock: DateTime<Utc> = first.try_get("db_clock")?;
     let build_state: BuildState = build.state.parse().map_err(StorageError::Conflict)?;
     let cancel_requested = build.canceled;
-
-    // Edges come from the jobs' own `depends_on` keys: one read for the whole graph.
-    // Whole rows: the events show the jobs as this transaction leaves them.
-    let views: Vec<JobView> = sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs j WHERE j.build_id = $1 ORDER BY j.position"
-    ))
-    .bind(build_id)
-    .fetch_all(&mut *conn)
-    .await?;
+    // A build without jobs (never created so) comes back as one row without a job.
+    let views: Vec<JobView> = rows
+        .iter()
+        .filter(|r| matches!(r.try_get::<Option<Uuid>, _>("id"), Ok(Some(_))))
+        .map(JobView::from_row)
+        .collect::<Result<_, _>>()?;
     let mut jobs = Vec::with_capacity(views.len());
     let mut index: HashMap<&str, usize> = HashMap::with_capacity(views.len());
     for (i, v) in views.iter().enumerate() {

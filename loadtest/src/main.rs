@@ -642,6 +642,16 @@ impl TxProbe {
         .with_context(|| format!("reading pg_stat_database on the {}", self.label))?;
         Ok(row.try_get::<i64, _>(0)?)
     }
+
+    /// WAL bytes written and WAL flushes (fsyncs) so far, of the whole cluster
+    /// (`pg_stat_wal`): what every commit costs the disk and the replica.
+    async fn wal(&mut self) -> Result<(i64, i64)> {
+        let row = sqlx::raw_sql("SELECT wal_bytes::bigint, wal_sync FROM pg_stat_wal")
+            .fetch_one(&mut self.conn)
+            .await
+            .with_context(|| format!("reading pg_stat_wal on the {}", self.label))?;
+        Ok((row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)?))
+    }
 }
 
 struct IdleResult {
@@ -925,6 +935,8 @@ struct LoadResult {
     skipped: u64,
     /// Primary transactions during the load window: (count, per second).
     tx_load: Option<(i64, f64)>,
+    /// WAL bytes, WAL flushes and the seconds they were counted over.
+    wal_load: Option<(i64, i64, f64)>,
     drained: bool,
     metrics: Vec<String>,
 }
@@ -954,7 +966,12 @@ async fn load_phase(
         Some(p) => p.read().await.ok(),
         None => None,
     };
+    let wal_before = match primary.as_mut() {
+        Some(p) => p.wal().await.ok(),
+        None => None,
+    };
     let mut tx_load = None;
+    let mut wal_load = None;
     let dispatched_before = sh.dispatched.load(Ordering::Relaxed);
     sh.load_start_us.store(now_us(), Ordering::Relaxed);
     let started = Instant::now();
@@ -980,6 +997,9 @@ async fn load_phase(
                 if let Ok(a) = p.read().await {
                     let n = (a - b - 1).max(0);
                     tx_load = Some((n, n as f64 / started.elapsed().as_secs_f64()));
+                }
+                if let (Ok(a), Some(b)) = (p.wal().await, wal_before) {
+                    wal_load = Some((a.0 - b.0, a.1 - b.1, started.elapsed().as_secs_f64()));
                 }
             }
         }
@@ -1057,6 +1077,7 @@ async fn load_phase(
         skipped,
         drained,
         tx_load,
+        wal_load,
         metrics: server_report(metrics_before.as_deref(), metrics_after.as_deref()),
     }
 }
@@ -1493,6 +1514,17 @@ fn summary(
                 s,
                 "load: primary tx/s    {r:.0} ({n} transactions; {:.1} per dispatched job)",
                 n as f64 / (l.dispatched_in_window.max(1) as f64)
+            );
+        }
+        if let Some((bytes, syncs, secs)) = l.wal_load {
+            let jobs = l.dispatched_in_window.max(1) as f64;
+            let _ = writeln!(
+                s,
+                "load: primary WAL     {:.2} MB/s, {:.0} flushes/s ({:.1} kB and {:.1} flushes per dispatched job; pg_stat_wal, whole cluster)",
+                bytes as f64 / secs.max(1e-9) / 1e6,
+                syncs as f64 / secs.max(1e-9),
+                bytes as f64 / jobs / 1e3,
+                syncs as f64 / jobs
             );
         }
         let _ = writeln!(s, "dispatch latency      {}", quantiles(&l.hist));

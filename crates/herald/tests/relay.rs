@@ -84,6 +84,52 @@ async fn a_relay_killed_between_commit_and_publish_loses_no_event() {
     env.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn confirmed_rows_are_marked_in_batches_and_at_shutdown() {
+    let env = TestEnv::new().await;
+    let tap = EventTap::new(&env.prefix).await;
+    // Marks wait up to an hour (or 256 rows): only a graceful stop writes them.
+    let mut relay = env
+        .start(
+            "api,relay",
+            &[("HERALD_RELAY__MARK_INTERVAL_MS", "3600000")],
+        )
+        .await;
+    let (api, _) = org(&relay, "acme").await;
+    for _ in 0..5 {
+        api.create_build("web", &build_body(json!([{"key": "a"}, {"key": "b"}])))
+            .await
+            .expect("create");
+    }
+    let committed: HashSet<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM outbox")
+            .fetch_all(&env.pool)
+            .await
+            .expect("outbox")
+            .iter()
+            .map(|id| id.to_string())
+            .collect();
+    assert!(committed.len() >= 15);
+    eventually(T, "every event on the broker", || async {
+        let got: HashSet<String> = tap.snapshot().into_iter().map(|(id, _, _)| id).collect();
+        committed.is_subset(&got).then_some(())
+    })
+    .await;
+    // Published, not yet marked; and not published twice while they wait.
+    assert_eq!(unpublished(&env).await, committed.len() as i64);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(tap.snapshot().len(), committed.len(), "no event twice");
+
+    relay.stop().await;
+    assert_eq!(
+        unpublished(&env).await,
+        0,
+        "a graceful stop marks what the broker has"
+    );
+    tap.close().await;
+    env.cleanup().await;
+}
+
 fn rabbitmqctl(args: &[&str]) {
     let status = Command::new("rabbitmqctl")
         .args(args)

@@ -13,7 +13,7 @@ use herald_storage::maintenance::{self, keys};
 use herald_storage::{channels, outbox, wake, LocalWakes, StorageError};
 use sqlx::{Connection, PgConnection, PgPool};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -22,7 +22,15 @@ pub struct RelaySettings {
     pub batch_size: i64,
     /// The relay wakes on NOTIFY at commit; this poll is only a backstop.
     pub backstop_poll_s: f64,
+    /// Rows the broker confirmed are marked published at most this often, in one
+    /// write, instead of one write per small batch. Until then the relay excludes them
+    /// by id; a relay that dies first publishes them again (consumers deduplicate).
+    pub mark_interval_ms: u64,
 }
+
+/// Confirmed rows waiting for their mark beyond this many are marked at once: the
+/// read excludes them one by one.
+const MAX_UNMARKED: usize = 256;
 
 pub async fn run(
     url: String,
@@ -91,23 +99,44 @@ async fn relay_loop(
     cancel: &CancellationToken,
 ) -> Result<(), StorageError> {
     let backstop = Duration::from_secs_f64(s.backstop_poll_s.max(0.1));
+    let mark_every = Duration::from_millis(s.mark_interval_ms);
     let mut broker_backoff = Duration::from_millis(100);
-    // Confirmed by the broker, to be marked by the next read (one round trip for both).
+    // Losing a mark in a crash only republishes, so the marks need not wait for the
+    // WAL flush. Events keep synchronous commit: they are written by other sessions.
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut *session)
+        .await?;
+    // Confirmed by the broker and not yet marked; `since` is when the oldest was.
     let mut confirmed: Vec<i64> = Vec::new();
+    let mut since = Instant::now();
     loop {
+        let mark = !confirmed.is_empty()
+            && (confirmed.len() >= MAX_UNMARKED
+                || since.elapsed() >= mark_every
+                || cancel.is_cancelled());
         // Reads run on the leader's own session: if it died, we are no longer leader.
-        let rows = outbox::mark_and_fetch(session, &confirmed, s.batch_size).await?;
-        if !confirmed.is_empty() {
+        let rows = outbox::mark_and_fetch(session, &confirmed, mark, s.batch_size).await?;
+        if mark {
             metrics::counter!("herald_relay_published_total").increment(confirmed.len() as u64);
             confirmed.clear();
         }
+        if cancel.is_cancelled() && confirmed.is_empty() {
+            return Ok(());
+        }
         if rows.is_empty() {
             metrics::gauge!("herald_outbox_backlog").set(0.0);
+            let mark_due = if confirmed.is_empty() {
+                backstop
+            } else {
+                mark_every.saturating_sub(since.elapsed())
+            };
             tokio::select! {
-                _ = wake.notified() => continue,
-                _ = tokio::time::sleep(backstop) => continue,
-                _ = cancel.cancelled() => return Ok(()),
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(backstop.min(mark_due)) => {}
+                // Loops once more to mark what is confirmed, then returns.
+                _ = cancel.cancelled() => {}
             }
+            continue;
         }
         let msgs: Vec<OutgoingMessage> = rows
             .iter()
@@ -124,7 +153,10 @@ async fn relay_loop(
         match publisher.publish_events(&msgs).await {
             Ok(()) => {
                 broker_backoff = Duration::from_millis(100);
-                confirmed = rows.iter().map(|r| r.id).collect();
+                if confirmed.is_empty() {
+                    since = Instant::now();
+                }
+                confirmed.extend(rows.iter().map(|r| r.id));
             }
             Err(e) => {
                 // The rows stay unpublished; nothing is lost while the broker is away.
@@ -132,7 +164,7 @@ async fn relay_loop(
                 tracing::warn!(error = %e, n = rows.len(), "publish failed; will retry");
                 tokio::select! {
                     _ = tokio::time::sleep(broker_backoff) => {}
-                    _ = cancel.cancelled() => return Ok(()),
+                    _ = cancel.cancelled() => {}
                 }
                 broker_backoff = (broker_backoff * 2).min(Duration::from_secs(5));
             }

@@ -18,24 +18,28 @@ pub async fn fetch_unpublished(
     conn: &mut PgConnection,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, StorageError> {
-    mark_and_fetch(conn, &[], limit).await
+    mark_and_fetch(conn, &[], false, limit).await
 }
 
-/// Marks `published` (confirmed by the broker) and reads the next batch, in one round
-/// trip. Both parts see one snapshot, so the rows just marked are excluded by id.
+/// Reads the next batch of unpublished rows other than `confirmed` (the broker has
+/// them, the outbox does not know yet), and with `mark` also marks those published,
+/// in one round trip. Both parts see one snapshot, hence the exclusion by id. Without
+/// `mark` the statement writes nothing, so it costs no commit flush.
 pub async fn mark_and_fetch(
     conn: &mut PgConnection,
-    published: &[i64],
+    confirmed: &[i64],
+    mark: bool,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, StorageError> {
     let rows = sqlx::query(
         "WITH marked AS ( \
              UPDATE outbox SET published_at = now() \
-             WHERE id = ANY($1) AND published_at IS NULL) \
+             WHERE $2 AND id = ANY($1) AND published_at IS NULL) \
          SELECT id, event_id, event_type, build_id, payload FROM outbox \
-         WHERE published_at IS NULL AND id <> ALL($1) ORDER BY id LIMIT $2",
+         WHERE published_at IS NULL AND id <> ALL($1) ORDER BY id LIMIT $3",
     )
-    .bind(published)
+    .bind(confirmed)
+    .bind(mark)
     .bind(limit)
     .fetch_all(conn)
     .await?;

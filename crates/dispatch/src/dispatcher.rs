@@ -1,10 +1,12 @@
-//! The dispatcher: wakes on `herald_dispatch` notifications (coalesced, so a burst of
+//! The dispatcher: wakes on `herald_dispatch` notifications, and on `herald_agent_free`
+//! while jobs wait for agents (coalesced, so a burst of
 //! them costs one round), assigns in rounds of short transactions, and polls only as
 //! a backstop. Any number may run; `SKIP LOCKED` keeps them out of each other's way.
 
 use crate::DispatchSettings;
 use herald_storage::{channels, dispatch, wake, LocalWakes, StorageError, Waker};
 use sqlx::PgPool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -16,7 +18,7 @@ pub async fn run(
     settings: DispatchSettings,
     cancel: CancellationToken,
 ) {
-    let wake = Arc::new(Notify::new());
+    let wake = Arc::new(Wake::default());
     let listening = cancel.child_token();
     tokio::spawn(listen(
         pool.clone(),
@@ -26,12 +28,25 @@ pub async fn run(
     ));
     let backstop = Duration::from_secs_f64(settings.backstop_poll_s.max(0.1));
     let mut report = HealthReport::default();
+    // Until a round says otherwise, assume jobs wait for agents; and look at once.
+    let mut starved = true;
+    wake.jobs.store(true, Ordering::Release);
     tracing::info!("dispatcher started");
     loop {
-        let mut more = true;
+        // A freed agent alone is no reason to look when the last round left no
+        // runnable job behind: anything runnable since then sent its own wake-up.
+        let mut more = wake.jobs.swap(false, Ordering::AcqRel)
+            || (wake.agents.swap(false, Ordering::AcqRel) && starved);
+        if !more {
+            metrics::counter!("herald_dispatch_wakes_skipped_total").increment(1);
+        }
         while more && !cancel.is_cancelled() {
+            // Wake-ups up to here are covered by this round.
+            wake.jobs.store(false, Ordering::Release);
+            wake.agents.store(false, Ordering::Release);
             let since = report.round_started();
             let outcome = round(&pool, &waker, settings.batch_agents, since).await;
+            starved = outcome.as_ref().map_or(true, |r| r.starved);
             if let Ok(r) = &outcome {
                 report.record(r.latency, &waker);
             }
@@ -57,8 +72,8 @@ pub async fn run(
             };
         }
         tokio::select! {
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(backstop) => {}
+            _ = wake.notify.notified() => {}
+            _ = tokio::time::sleep(backstop) => wake.jobs.store(true, Ordering::Release),
             _ = cancel.cancelled() => break,
         }
     }
@@ -71,6 +86,8 @@ pub async fn run(
 pub struct RoundOutcome {
     pub assigned: usize,
     pub deferred: usize,
+    /// Runnable jobs were left for lack of a free agent.
+    pub starved: bool,
     /// The longest runnable → committed time among the jobs this round assigned that
     /// became runnable after the previous round began. Older jobs waited for an agent,
     /// which says nothing about dispatch's own health.
@@ -130,6 +147,7 @@ pub async fn round(
             return Ok(RoundOutcome {
                 assigned: 0,
                 deferred: 1,
+                starved: true,
                 latency: None,
             });
         }
@@ -167,16 +185,37 @@ pub async fn round(
     Ok(RoundOutcome {
         assigned: assigned.len(),
         deferred: round.deferred,
+        starved: round.starved,
         latency,
     })
 }
 
-async fn listen(pool: PgPool, local: LocalWakes, wake: Arc<Notify>, cancel: CancellationToken) {
-    // Every notice, and every resync (anything may have happened meanwhile), is a
-    // reason to look.
-    let mut heard = wake::listen(pool, &local, &[channels::DISPATCH], cancel);
-    while heard.recv().await.is_some() {
-        wake.notify_one();
+/// Why the dispatcher was woken, kept until it looks.
+#[derive(Default)]
+struct Wake {
+    notify: Notify,
+    /// Jobs may have become runnable (or agents joined, or a resync: anything may
+    /// have happened meanwhile).
+    jobs: AtomicBool,
+    /// An agent finished its job.
+    agents: AtomicBool,
+}
+
+async fn listen(pool: PgPool, local: LocalWakes, wake: Arc<Wake>, cancel: CancellationToken) {
+    let mut heard = wake::listen(
+        pool,
+        &local,
+        &[channels::DISPATCH, channels::AGENT_FREE],
+        cancel,
+    );
+    while let Some(h) = heard.recv().await {
+        match h {
+            wake::Heard::Notice { channel, .. } if channel == channels::AGENT_FREE => {
+                wake.agents.store(true, Ordering::Release)
+            }
+            _ => wake.jobs.store(true, Ordering::Release),
+        }
+        wake.notify.notify_one();
     }
 }
 

@@ -196,6 +196,51 @@ async fn a_ping_parked_in_one_process_gets_a_job_assigned_by_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_that_finishes_gets_the_job_waiting_for_it_without_a_poll() {
+    let env = TestEnv::new().await;
+    // No backstop poll within the test: only the agent's own finish can wake dispatch.
+    let mut app = env
+        .start(
+            "api,relay,dispatch",
+            &[("HERALD_DISPATCH__BACKSTOP_POLL_S", "600")],
+        )
+        .await;
+    let started = tokio::time::Instant::now();
+    let (api, reg) = org(&app, "acme").await;
+    let (agent, _) = agent(&app, &reg, "only").await;
+    api.create_build(
+        "web",
+        &build_body(json!([{"key": "a", "command": "x"}, {"key": "b", "command": "x"}])),
+    )
+    .await
+    .expect("create");
+    let first = agent.ping(10).await.expect("ping").expect("a job");
+    // The other job waits for the one agent.
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE state = 'scheduled'")
+            .await,
+        1
+    );
+    // Past the listeners' one late resync, which would also wake the dispatcher.
+    tokio::time::sleep_until(
+        started + herald_storage::wake::LATE_RESYNC + Duration::from_millis(500),
+    )
+    .await;
+    agent
+        .run_job(first.id, 0, Duration::ZERO)
+        .await
+        .expect("run the first job");
+    let second = agent
+        .ping(20)
+        .await
+        .expect("ping")
+        .expect("the waiting job, well before any backstop poll");
+    assert_ne!(second.id, first.id);
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unaccepted_assignment_returns_to_the_queue() {
     let env = TestEnv::new().await;
     let mut app = env

@@ -35,6 +35,9 @@ pub struct Round {
     /// agent, or another queue's job took the agent: the caller should run another
     /// round soon.
     pub deferred: usize,
+    /// Runnable jobs were left for lack of a free agent (or may have been: a queue had
+    /// as many as a round takes). Only then is an agent that becomes free worth a round.
+    pub starved: bool,
 }
 
 struct Candidate {
@@ -66,24 +69,25 @@ static CANDIDATES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             SELECT agent_id FROM jobs \
             WHERE state IN ('assigned', 'accepted', 'running', 'canceling') AND agent_id IS NOT NULL \
         ), cand AS MATERIALIZED ( \
-            SELECT p.org_id, p.queue, ARRAY( \
+            SELECT p.org_id, p.queue, w.n AS wanted, ARRAY( \
                 SELECT a.id FROM agents a \
                 WHERE a.org_id = p.org_id AND a.state = 'connected' AND p.queue = ANY(a.queues) \
                   AND a.id NOT IN (SELECT agent_id FROM busy) \
                 ORDER BY a.last_assigned_at NULLS FIRST \
-                LIMIT (SELECT count(*) FROM (SELECT 1 FROM jobs x WHERE x.state = 'scheduled' \
-                                             AND x.org_id = p.org_id AND x.queue = p.queue LIMIT $1) c) \
+                LIMIT w.n \
             ) AS agent_ids \
-            FROM pairs p \
+            FROM pairs p CROSS JOIN LATERAL ( \
+                SELECT count(*) AS n FROM (SELECT 1 FROM jobs x WHERE x.state = 'scheduled' \
+                                           AND x.org_id = p.org_id AND x.queue = p.queue LIMIT $1) c) w \
         ) \
-        SELECT c.org_id AS pair_org, c.queue AS pair_queue, c.agent_ids, \
+        SELECT c.org_id AS pair_org, c.queue AS pair_queue, c.agent_ids, c.wanted, \
                clock_timestamp() AS db_now, {JOB_COLUMNS}, {BUILD_COLUMNS_AS_B} \
-        FROM cand c CROSS JOIN LATERAL ( \
+        FROM cand c LEFT JOIN LATERAL ( \
             SELECT * FROM jobs \
             WHERE state = 'scheduled' AND org_id = c.org_id AND queue = c.queue \
             ORDER BY priority DESC, scheduled_at, id \
-            LIMIT cardinality(c.agent_ids)) j \
-        JOIN builds b ON b.id = j.build_id JOIN pipelines p ON p.id = b.pipeline_id"
+            LIMIT cardinality(c.agent_ids)) j ON true \
+        LEFT JOIN builds b ON b.id = j.build_id LEFT JOIN pipelines p ON p.id = b.pipeline_id"
     )
 });
 
@@ -132,16 +136,24 @@ pub async fn assign_round(
     let mut pair_index: HashMap<(Uuid, String), usize> = HashMap::new();
     let mut pair_agents: Vec<Vec<Uuid>> = Vec::new();
     let mut candidates = Vec::with_capacity(rows.len());
+    let mut starved = false;
     for r in &rows {
         let key: (Uuid, String) = (r.try_get("pair_org")?, r.try_get("pair_queue")?);
         let pair = match pair_index.get(&key) {
             Some(&i) => i,
             None => {
-                pair_agents.push(r.try_get("agent_ids")?);
+                let agents: Vec<Uuid> = r.try_get("agent_ids")?;
+                let wanted: i64 = r.try_get("wanted")?;
+                starved |= wanted >= max_per_queue || (agents.len() as i64) < wanted;
+                pair_agents.push(agents);
                 pair_index.insert(key, pair_agents.len() - 1);
                 pair_agents.len() - 1
             }
         };
+        // A queue without a free agent comes back as one row without a job.
+        if r.try_get::<Option<Uuid>, _>("id")?.is_none() {
+            continue;
+        }
         candidates.push(Candidate {
             job: JobView::from_row(r)?,
             build: BuildView::from_row_prefixed(r, "b_")?,
@@ -176,6 +188,7 @@ pub async fn assign_round(
         return Ok(Round {
             assigned: Vec::new(),
             deferred: crowded,
+            starved,
         });
     }
     // The database's clock, not this host's: sweeps compare `assigned_at` with `now()`.
@@ -226,6 +239,7 @@ pub async fn assign_round(
     Ok(Round {
         deferred: job_ids.len() - assigned.len() + crowded,
         assigned,
+        starved,
     })
 }
 

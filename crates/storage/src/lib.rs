@@ -32,8 +32,12 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// NOTIFY channels. Payloads are small; the rows hold the truth.
 pub mod channels {
-    /// Something became runnable or an agent became free: the dispatcher should look.
+    /// Something became runnable, or an agent joined: the dispatcher should look.
     pub const DISPATCH: &str = "herald_dispatch";
+    /// An agent finished its job. Worth a round only while runnable jobs wait for an
+    /// agent, which the dispatcher knows from its last round; at 100 finishes a
+    /// second, most would otherwise be rounds that find nothing to do.
+    pub const AGENT_FREE: &str = "herald_agent_free";
     /// Payload `"{agent_id} {job_id}"`: a job was assigned to an agent.
     pub const ASSIGNED: &str = "herald_assigned";
     /// Payload `"{agent_id}"`: the agent was lost or disconnected; drop cached auth.

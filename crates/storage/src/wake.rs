@@ -66,7 +66,7 @@ const LISTENERS_FRESH: Duration = Duration::from_secs(1);
 
 /// When a listener resyncs once more after connecting: by then every waker has looked
 /// for listeners again, so nothing it skipped meanwhile stays unseen.
-const LATE_RESYNC: Duration = Duration::from_secs(3);
+pub const LATE_RESYNC: Duration = Duration::from_secs(3);
 
 impl LocalWakes {
     fn publish(&self, channel: &'static str, payload: Arc<str>) {

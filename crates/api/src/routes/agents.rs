@@ -172,7 +172,7 @@ async fn call(
         state.wake(&[channels::OUTBOX]);
     }
     if applied.freed_agent {
-        state.wake(&[channels::DISPATCH]);
+        state.wake(&[channels::AGENT_FREE]);
     }
     if matches!(call, AgentCall::Accept) {
         state.parked.clear(agent, id);

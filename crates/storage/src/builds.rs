@@ -98,15 +98,23 @@ pub async fn create_build(
             edge_to.push(job_ids[d]);
         }
     }
+    // Jobs and their edges in one statement (the edges' foreign keys are checked at its
+    // end): a job is runnable from `scheduled_at`, so every round trip between that and
+    // the commit would count as dispatch latency.
     let mut jobs: Vec<JobView> = sqlx::query_as(&format!(
-        "INSERT INTO jobs AS j (id, build_id, org_id, position, key, command, queue, priority, label, env, \
-                           depends_on, state, scheduled_at) \
-         SELECT id, $2, $3, pos, key, cmd, q, prio, label, env, deps, st, \
-                CASE WHEN st = 'scheduled' THEN clock_timestamp() END \
-         FROM unnest($1::uuid[], $4::int[], $5::text[], $6::text[], $7::text[], $8::int[], \
-                     $9::text[], $10::jsonb[], $11::jsonb[], $12::text[]) \
-              AS t(id, pos, key, cmd, q, prio, label, env, deps, st) \
-         RETURNING {JOB_COLUMNS}"
+        "WITH ins AS ( \
+             INSERT INTO jobs AS j (id, build_id, org_id, position, key, command, queue, priority, label, env, \
+                               depends_on, state, scheduled_at) \
+             SELECT id, $2, $3, pos, key, cmd, q, prio, label, env, deps, st, \
+                    CASE WHEN st = 'scheduled' THEN clock_timestamp() END \
+             FROM unnest($1::uuid[], $4::int[], $5::text[], $6::text[], $7::text[], $8::int[], \
+                         $9::text[], $10::jsonb[], $11::jsonb[], $12::text[]) \
+                  AS t(id, pos, key, cmd, q, prio, label, env, deps, st) \
+             RETURNING {JOB_COLUMNS}), \
+         edges AS ( \
+             INSERT INTO job_dependencies (job_id, depends_on_id) \
+             SELECT * FROM unnest($13::uuid[], $14::uuid[])) \
+         SELECT * FROM ins"
     ))
     .bind(&job_ids)
     .bind(build_id)
@@ -120,21 +128,13 @@ pub async fn create_build(
     .bind(&envs)
     .bind(&deps_json)
     .bind(&states)
+    .bind(&edge_from)
+    .bind(&edge_to)
     .fetch_all(&mut *conn)
     .await?;
     let order: std::collections::HashMap<Uuid, usize> =
         job_ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     jobs.sort_by_key(|j| order.get(&j.id).copied().unwrap_or(usize::MAX));
-    if !edge_from.is_empty() {
-        sqlx::query(
-            "INSERT INTO job_dependencies (job_id, depends_on_id) \
-             SELECT * FROM unnest($1::uuid[], $2::uuid[])",
-        )
-        .bind(&edge_from)
-        .bind(&edge_to)
-        .execute(&mut *conn)
-        .await?;
-    }
 
     let mut evs = vec![NewEvent::build(EventType::BuildScheduled, &build)];
     evs.extend(

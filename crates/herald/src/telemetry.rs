@@ -1,4 +1,4 @@
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -10,8 +10,15 @@ pub fn metrics() -> Option<PrometheusHandle> {
             let buckets = [
                 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ];
+            // Dispatch has a 25 ms p99 target: its histograms need buckets around it.
+            let dispatch = [
+                0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02,
+                0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ];
             PrometheusBuilder::new()
                 .set_buckets(&buckets)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Prefix("herald_dispatch_".into()), &dispatch)
                 .ok()?
                 .install_recorder()
                 .ok()

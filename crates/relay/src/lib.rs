@@ -26,6 +26,10 @@ pub struct RelaySettings {
     /// write, instead of one write per small batch. Until then the relay excludes them
     /// by id; a relay that dies first publishes them again (consumers deduplicate).
     pub mark_interval_ms: u64,
+    /// Woken from idle, the relay waits this long before it reads, so that the events
+    /// of the next few commits go out in one read and one confirmed batch instead of
+    /// one each. Adds as much to an event's way to the broker.
+    pub coalesce_ms: u64,
 }
 
 /// Confirmed rows waiting for their mark beyond this many are marked at once: the
@@ -100,6 +104,7 @@ async fn relay_loop(
 ) -> Result<(), StorageError> {
     let backstop = Duration::from_secs_f64(s.backstop_poll_s.max(0.1));
     let mark_every = Duration::from_millis(s.mark_interval_ms);
+    let coalesce = Duration::from_millis(s.coalesce_ms);
     let mut broker_backoff = Duration::from_millis(100);
     // Losing a mark in a crash only republishes, so the marks need not wait for the
     // WAL flush. Events keep synchronous commit: they are written by other sessions.
@@ -131,7 +136,11 @@ async fn relay_loop(
                 mark_every.saturating_sub(since.elapsed())
             };
             tokio::select! {
-                _ = wake.notified() => {}
+                _ = wake.notified() => {
+                    if !coalesce.is_zero() {
+                        tokio::time::sleep(coalesce).await;
+                    }
+                }
                 _ = tokio::time::sleep(backstop.min(mark_due)) => {}
                 // Loops once more to mark what is confirmed, then returns.
                 _ = cancel.cancelled() => {}

@@ -120,6 +120,17 @@ async fn fan_in_of_200_jobs_finished_by_50_agents_at_once() {
         2,
         "one build.finished per build, however many propagations ran"
     );
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox WHERE event_type = 'build.running'")
+            .await,
+        2,
+        "one build.running per build, however many first accepts raced"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM builds WHERE started_at IS NULL")
+            .await,
+        0
+    );
     // Propagation's events show the jobs as it committed them: the released final job
     // runnable since the moment its row says, the skipped ones finished.
     type At = Option<chrono::DateTime<chrono::Utc>>;

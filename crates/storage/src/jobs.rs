@@ -40,7 +40,7 @@ pub struct Applied {
     pub job: JobView,
     /// Events were written: the caller wakes `herald_outbox` after commit.
     pub wrote_events: bool,
-    /// The agent became free: the caller wakes `herald_dispatch` after commit.
+    /// The agent became free: the caller wakes `herald_agent_free` after commit.
     pub freed_agent: bool,
 }
 
@@ -78,8 +78,8 @@ const CALL_ATTEMPTS: usize = 5;
 /// changes the job only if it is still in the state that was read and writes its
 /// event with it (compare-and-set; another change in between makes it read again).
 /// Two round trips instead of six, and no lock held between them. The first accept of
-/// a build also moves the build, under its lock: that one runs as [`apply`] in a
-/// transaction of its own.
+/// a build also moves the build, under its lock: that one runs in a transaction of
+/// its own ([`accept_first`]).
 pub async fn apply_call(
     conn: &mut PgConnection,
     agent_id: Uuid,
@@ -108,10 +108,10 @@ pub async fn apply_call(
             });
         };
         if matches!(call, AgentCall::Accept) && build.state == BuildState::Scheduled.as_str() {
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            let applied = apply(&mut tx, agent_id, job_id, call).await?;
-            tx.commit().await?;
-            return Ok(applied);
+            match accept_first(conn, agent_id, &job).await? {
+                Some(applied) => return Ok(applied),
+                None => continue,
+            }
         }
         let db_now: DateTime<Utc> = row.try_get("db_now")?;
         // The database's clock, in microseconds as it keeps them.
@@ -187,91 +187,49 @@ pub async fn apply_call(
     ))
 }
 
-/// Applies an agent's call in the caller's transaction. Sends no `NOTIFY`; see
-/// [`Applied`] for what the caller wakes after commit.
-pub async fn apply(
+/// The first accept of a build also moves the build to `running`, so it runs in a
+/// transaction that locks the build, then the job (the global order). The job changes
+/// only if it is still in the state that was read; `None` when it was not (nothing
+/// was written: read again and decide anew).
+async fn accept_first(
     conn: &mut PgConnection,
     agent_id: Uuid,
-    job_id: Uuid,
-    call: AgentCall,
-) -> Result<Applied, StorageError> {
-    let unchanged = |job| Applied {
-        job,
-        wrote_events: false,
-        freed_agent: false,
-    };
-    // Lock order is build → job. Only the first accept of a build needs the build row.
-    let mut lock_build = None;
-    if matches!(call, AgentCall::Accept) {
-        let row = sqlx::query(
-            "SELECT j.build_id, b.state AS build_state FROM jobs j JOIN builds b ON b.id = j.build_id \
-             WHERE j.id = $1 AND j.agent_id = $2",
-        )
-        .bind(job_id)
-        .bind(agent_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or(StorageError::NotFound("job"))?;
-        let build_state: String = row.try_get("build_state")?;
-        if build_state == "scheduled" {
-            let build_id: Uuid = row.try_get("build_id")?;
-            sqlx::query("SELECT 1 FROM builds WHERE id = $1 FOR UPDATE")
-                .bind(build_id)
-                .execute(&mut *conn)
-                .await?;
-            lock_build = Some(build_id);
-        }
-    }
-    let job: JobView = sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1 AND j.agent_id = $2 FOR UPDATE"
+    read: &JobView,
+) -> Result<Option<Applied>, StorageError> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let build_state: String =
+        sqlx::query_scalar("SELECT state FROM builds WHERE id = $1 FOR UPDATE")
+            .bind(read.build_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    let job: Option<JobView> = sqlx::query_as(&format!(
+        "UPDATE jobs AS j SET state = 'accepted', accepted_at = now(), updated_at = now() \
+         WHERE j.id = $1 AND j.agent_id = $2 AND j.state = $3 RETURNING {JOB_COLUMNS}"
     ))
-    .bind(job_id)
+    .bind(read.id)
     .bind(agent_id)
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or(StorageError::NotFound("job"))?;
-    let Some(next) = decide(&job, call)? else {
-        return Ok(unchanged(job));
+    .bind(&read.state)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(job) = job else {
+        tx.rollback().await?;
+        return Ok(None);
     };
-    let set = match call {
-        AgentCall::Accept => "state = 'accepted', accepted_at = now()",
-        AgentCall::Start => "state = 'running', started_at = now()",
-        AgentCall::Finish { .. } => "state = $3, exit_status = $4, finished_at = now()",
-    };
-    let sql = format!(
-        "UPDATE jobs AS j SET {set}, updated_at = now() WHERE j.id = $1 AND j.agent_id = $2 \
-         RETURNING {JOB_COLUMNS}"
-    );
-    let mut update = sqlx::query_as::<_, JobView>(&sql)
-        .bind(job_id)
-        .bind(agent_id);
-    if let AgentCall::Finish { exit_status } = call {
-        update = update.bind(next.as_str()).bind(exit_status);
-    }
-    let job = update.fetch_one(&mut *conn).await?;
-    let mut wrote_events = true;
-    match call {
-        AgentCall::Accept => {
-            wrote_events = match lock_build {
-                Some(build_id) => {
-                    move_build_quiet(conn, build_id, BuildState::Scheduled, BuildState::Running)
-                        .await?
-                }
-                None => false,
-            };
-        }
-        AgentCall::Start => {
-            events::emit_jobs(conn, EventType::JobStarted, std::slice::from_ref(&job)).await?;
-        }
-        AgentCall::Finish { .. } => {
-            events::emit_jobs(conn, EventType::JobFinished, std::slice::from_ref(&job)).await?;
-        }
-    }
-    Ok(Applied {
+    // Another accept of the build may have moved it since the read.
+    let wrote_events = build_state == BuildState::Scheduled.as_str()
+        && move_build_quiet(
+            &mut tx,
+            read.build_id,
+            BuildState::Scheduled,
+            BuildState::Running,
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(Some(Applied {
         job,
         wrote_events,
-        freed_agent: matches!(call, AgentCall::Finish { .. }),
-    })
+        freed_agent: false,
+    }))
 }
 
 /// Assignments older than `timeout_s` go back to `scheduled`. Skips locked rows and

@@ -14,13 +14,6 @@ pub struct OutboxRow {
     pub payload: serde_json::Value,
 }
 
-pub async fn fetch_unpublished(
-    conn: &mut PgConnection,
-    limit: i64,
-) -> Result<Vec<OutboxRow>, StorageError> {
-    mark_and_fetch(conn, &[], false, limit).await
-}
-
 /// Reads the next batch of unpublished rows other than `confirmed` (the broker has
 /// them, the outbox does not know yet), and with `mark` also marks those published,
 /// in one round trip. Both parts see one snapshot, hence the exclusion by id. Without

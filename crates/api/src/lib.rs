@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod error;
+pub mod event_types;
 pub mod extract;
 pub mod heartbeat;
 pub mod openapi;
@@ -36,6 +37,9 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct ApiSettings {
     pub admin_token: Option<String>,
     pub allow_private_networks: bool,
+    /// How long delivery history is kept (`notify.history_retention_s`): a recover
+    /// cannot reach further back.
+    pub history_retention_s: f64,
     pub heartbeat_interval_s: u64,
     pub ping_wait_max_s: u64,
     pub heartbeat_flush: Duration,
@@ -146,11 +150,29 @@ pub fn app(state: AppState) -> Router {
         )
         .route(
             "/v1/webhooks/{id}",
-            get(routes::webhooks::get).delete(routes::webhooks::delete),
+            get(routes::webhooks::get)
+                .delete(routes::webhooks::delete)
+                .patch(routes::webhook_controls::patch),
         )
         .route(
             "/v1/webhooks/{id}/deliveries",
-            get(routes::webhooks::deliveries),
+            get(routes::webhook_controls::deliveries),
+        )
+        .route(
+            "/v1/webhooks/{id}/rotate-secret",
+            post(routes::webhook_controls::rotate_secret),
+        )
+        .route(
+            "/v1/webhooks/{id}/recover",
+            post(routes::webhook_controls::recover),
+        )
+        .route(
+            "/v1/deliveries/{id}",
+            get(routes::webhook_controls::get_delivery),
+        )
+        .route(
+            "/v1/event-types",
+            get(routes::webhook_controls::event_types),
         )
         .route(
             "/v1/deliveries/{id}/redeliver",

@@ -26,6 +26,8 @@ pub enum EventType {
     AgentLost,
     #[serde(rename = "agent.disconnected")]
     AgentDisconnected,
+    #[serde(rename = "webhook.disabled")]
+    WebhookDisabled,
 }
 
 impl EventType {
@@ -40,6 +42,7 @@ impl EventType {
         EventType::AgentConnected,
         EventType::AgentLost,
         EventType::AgentDisconnected,
+        EventType::WebhookDisabled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +57,7 @@ impl EventType {
             EventType::AgentConnected => "agent.connected",
             EventType::AgentLost => "agent.lost",
             EventType::AgentDisconnected => "agent.disconnected",
+            EventType::WebhookDisabled => "webhook.disabled",
         }
     }
 }
@@ -115,6 +119,8 @@ mod tests {
         assert!(valid_pattern("agent.*"));
         assert!(!valid_pattern("agents.*"));
         assert!(!valid_pattern("build.done"));
+        assert!(valid_pattern("webhook.*"));
+        assert!(pattern_matches("webhook.*", EventType::WebhookDisabled));
     }
 
     #[test]

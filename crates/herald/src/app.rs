@@ -158,6 +158,7 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             ApiSettings {
                 admin_token: Some(admin),
                 allow_private_networks: cfg.webhooks.allow_private_networks,
+                history_retention_s: cfg.notify.history_retention_s,
                 heartbeat_interval_s: cfg.agents.heartbeat_interval_s,
                 ping_wait_max_s: cfg.agents.ping_wait_max_s,
                 heartbeat_flush: Duration::from_secs_f64(cfg.agents.heartbeat_flush_s),
@@ -293,6 +294,10 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             bus: bus.clone(),
             settings: cfg.notify.clone(),
             allow_private_networks: cfg.webhooks.allow_private_networks,
+            disable: herald_notify::deliver::DisablePolicy::new(
+                cfg.webhooks.disable_after_s,
+                cfg.webhooks.disable_min_failures,
+            ),
             dispatch_health,
             local: local.clone(),
         };

@@ -66,6 +66,10 @@ pub struct AgentsConfig {
 #[derive(Debug, Clone, Deserialize)]
 pub struct WebhooksConfig {
     pub allow_private_networks: bool,
+    /// An endpoint whose every attempt failed for this long ...
+    pub disable_after_s: f64,
+    /// ... with at least this many attempts is disabled (reason `failing`).
+    pub disable_min_failures: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +168,17 @@ impl Config {
                 bail!("invalid configuration: {key} must be a positive number");
             }
         }
+        for (key, v) in [
+            ("webhooks.disable_after_s", self.webhooks.disable_after_s),
+            (
+                "notify.history_retention_s",
+                self.notify.history_retention_s,
+            ),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("invalid configuration: {key} must be a positive number");
+            }
+        }
         Ok(())
     }
 
@@ -200,6 +215,8 @@ mod tests {
         assert_eq!(c.http.listen, "127.0.0.1:8080");
         assert_eq!(c.auth.admin_token, None);
         assert!(!c.webhooks.allow_private_networks);
+        assert_eq!(c.webhooks.disable_after_s, 432000.0);
+        assert_eq!(c.webhooks.disable_min_failures, 20);
         assert_eq!(c.dispatch.accept_timeout_s, 30.0);
         assert_eq!(c.agents.lost_after_s, 90.0);
     }

@@ -25,13 +25,41 @@ pub struct AttemptWriter {
     tx: mpsc::Sender<Pending>,
 }
 
+/// When an endpoint is disabled for failing: every attempt failed for `after` and
+/// there were at least `min_failures` of them.
+#[derive(Debug, Clone, Copy)]
+pub struct DisablePolicy {
+    pub after: chrono::Duration,
+    pub min_failures: i32,
+}
+
+impl DisablePolicy {
+    pub fn new(after_s: f64, min_failures: u32) -> Self {
+        DisablePolicy {
+            after: chrono::Duration::milliseconds((after_s.max(0.0) * 1000.0) as i64),
+            min_failures: i32::try_from(min_failures).unwrap_or(i32::MAX),
+        }
+    }
+
+    fn due(&self, s: &store::FailureStreak, now: chrono::DateTime<Utc>) -> bool {
+        s.failures >= self.min_failures && now - s.since >= self.after
+    }
+}
+
+/// Counts one disable in `herald_webhooks_disabled_total{reason}`.
+pub fn count_disabled(reason: &'static str) {
+    metrics::counter!("herald_webhooks_disabled_total", "reason" => reason).increment(1);
+}
+
 impl AttemptWriter {
     pub fn spawn(
         pool: PgPool,
+        policy: DisablePolicy,
+        cache: Arc<crate::controls::SubscriptionCache>,
         cancel: CancellationToken,
     ) -> (AttemptWriter, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4096);
-        let handle = tokio::spawn(write_loop(pool, rx, cancel));
+        let handle = tokio::spawn(write_loop(pool, rx, policy, cache, cancel));
         (AttemptWriter { tx }, handle)
     }
 
@@ -54,7 +82,13 @@ impl AttemptWriter {
     }
 }
 
-async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, cancel: CancellationToken) {
+async fn write_loop(
+    pool: PgPool,
+    mut rx: mpsc::Receiver<Pending>,
+    policy: DisablePolicy,
+    cache: Arc<crate::controls::SubscriptionCache>,
+    cancel: CancellationToken,
+) {
     loop {
         let first = tokio::select! {
             r = rx.recv() => r,
@@ -76,8 +110,23 @@ async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, cancel: Cance
         let records: Vec<AttemptRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
         let ok = async {
             let mut tx = pool.begin().await?;
-            store::record_attempts(&mut tx, &records).await?;
+            let streaks = store::record_attempts(&mut tx, &records).await?;
+            // Auto-disable commits with the attempt that crossed the line, its event too.
+            let now = Utc::now();
+            let mut disabled = Vec::new();
+            for s in streaks.iter().filter(|s| policy.due(s, now)) {
+                if let Some(hook) =
+                    store::disable_webhook(&mut tx, s.webhook_id, store::reasons::FAILING).await?
+                {
+                    disabled.push(hook);
+                }
+            }
             tx.commit().await?;
+            for hook in disabled {
+                tracing::warn!(webhook = %hook.id, failures = ?streaks.iter().find(|s| s.webhook_id == hook.id).map(|s| s.failures), "webhook disabled: failing");
+                count_disabled(store::reasons::FAILING);
+                cache.invalidate(hook.org_id);
+            }
             Ok::<_, herald_storage::StorageError>(())
         }
         .await;
@@ -94,6 +143,7 @@ async fn write_loop(pool: PgPool, mut rx: mpsc::Receiver<Pending>, cancel: Cance
 fn record(d: &BatchedDelivery, status: &str) -> AttemptRecord {
     AttemptRecord {
         delivery_id: d.delivery_id,
+        webhook_id: d.webhook_id,
         status: status.to_owned(),
         attempted: false,
         next_attempt_at: None,
@@ -114,8 +164,9 @@ pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
     let Some(mut batch) = DeliveryBatch::parse(&msg.body) else {
         return Outcome::DeadLetter;
     };
-    if msg.redelivered {
-        // Some may have been sent before a crash; the rows know.
+    if msg.redelivered || batch.recheck {
+        // Some may have been sent before a crash (or the scheduler published this
+        // again after one); the rows know.
         let items: Vec<(Uuid, i32)> = batch
             .deliveries
             .iter()
@@ -213,12 +264,15 @@ async fn attempt(
         .unwrap_or_default();
     let _slot = n.webhook_slots.acquire().await;
     n.webhook_rate.acquire().await;
-    n.destinations.acquire(&hook.id.to_string(), &host).await;
+    n.destinations
+        .acquire_with(&hook.id.to_string(), &host, hook.rate_per_s)
+        .await;
     let a = n
         .sender
-        .send(
+        .send_signed(
             &hook.url,
             &hook.secret,
+            hook.old_secret_at(Utc::now()),
             &d.delivery_id.to_string(),
             b.payload.get().as_bytes(),
         )
@@ -227,8 +281,12 @@ async fn attempt(
     let (status, next) = match &a.outcome {
         HttpOutcome::Success => ("succeeded", None),
         HttpOutcome::Gone => {
-            let mut conn = n.pool.acquire().await?;
-            store::disable_webhook(&mut conn, hook.id, "the receiver answered 410 Gone").await?;
+            let mut tx = n.pool.begin().await?;
+            let disabled = store::disable_webhook(&mut tx, hook.id, store::reasons::GONE).await?;
+            tx.commit().await?;
+            if disabled.is_some() {
+                count_disabled(store::reasons::GONE);
+            }
             n.cache.invalidate(hook.org_id);
             ("dead", None)
         }
@@ -244,6 +302,7 @@ async fn attempt(
         .increment(1);
     Ok(AttemptRecord {
         delivery_id: d.delivery_id,
+        webhook_id: d.webhook_id,
         status: status.to_owned(),
         attempted: true,
         next_attempt_at: next

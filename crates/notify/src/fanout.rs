@@ -84,7 +84,7 @@ async fn room_for_deliveries(n: &Notifier) -> bool {
 /// most [`BACKLOG_READ_EVERY`] ago) times the deliveries per message this process
 /// published, plus the deliveries published since: a burst between two reads counts
 /// at once.
-async fn webhook_backlog(n: &Notifier) -> Option<u32> {
+pub(crate) async fn webhook_backlog(n: &Notifier) -> Option<u32> {
     let cached = *lock_backlog(n);
     if let Some(b) = cached {
         if b.read_at
@@ -110,7 +110,7 @@ async fn webhook_backlog(n: &Notifier) -> Option<u32> {
     Some(estimate)
 }
 
-fn published_deliveries(n: &Notifier, messages: usize, deliveries: usize) {
+pub(crate) fn published_deliveries(n: &Notifier, messages: usize, deliveries: usize) {
     let mut b = lock_backlog(n);
     let b = b.get_or_insert_with(Backlog::default);
     b.added = b.added.saturating_add(deliveries as u64);
@@ -161,14 +161,21 @@ async fn fan_out(
         .pointer("/data/build/pipeline")
         .and_then(Value::as_str);
 
-    let hooks: Vec<Uuid> = subs
+    // A disabled endpoint's deliveries are recorded, as skipped: a recover can send
+    // them once it is enabled again.
+    let mut hooks: Vec<Uuid> = Vec::new();
+    let mut disabled: Vec<Uuid> = Vec::new();
+    for w in subs
         .webhooks
         .iter()
-        .filter(|w| !w.disabled)
         .filter(|w| w.pipeline.is_none() || w.pipeline.as_deref() == pipeline)
         .filter(|w| w.events.iter().any(|p| pattern_matches(p, kind)))
-        .map(|w| w.id)
-        .collect();
+    {
+        hooks.push(w.id);
+        if w.disabled {
+            disabled.push(w.id);
+        }
+    }
     if !hooks.is_empty() {
         if !room_for_deliveries(n).await {
             return Ok(false);
@@ -194,6 +201,7 @@ async fn fan_out(
                 event_type: kind.as_str(),
                 payload: &body,
                 webhook_ids: &hooks,
+                disabled: &disabled,
                 status,
                 held,
             },

@@ -83,6 +83,11 @@ pub struct DeliveryBatch {
     /// written out again for each of an event's endpoints.
     pub payload: Box<serde_json::value::RawValue>,
     pub deliveries: Vec<BatchedDelivery>,
+    /// Published by the scheduler from rows in PostgreSQL: a crash between its publish
+    /// and its mark can publish a row twice, so the worker reads the rows first (one
+    /// query per message, off the fan-out's hot path).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recheck: bool,
 }
 
 /// One delivery of a [`DeliveryBatch`].
@@ -138,6 +143,7 @@ impl DeliveryBatch {
                         attempts: w.attempts,
                     })
                     .collect(),
+                recheck: false,
             })
             .collect()
     }
@@ -158,7 +164,12 @@ impl DeliveryBatch {
             .into_iter()
             .flat_map(|(event_id, work)| {
                 let body = raw_body(&work[0].payload);
-                DeliveryBatch::for_event(event_id, &work[0].event_type, &body, &work)
+                let mut batches =
+                    DeliveryBatch::for_event(event_id, &work[0].event_type, &body, &work);
+                for b in &mut batches {
+                    b.recheck = true;
+                }
+                batches
             })
             .collect()
     }
@@ -178,6 +189,7 @@ impl DeliveryBatch {
                 webhook_id: one.webhook_id,
                 attempts: one.attempts,
             }],
+            recheck: true,
         })
     }
 
@@ -256,6 +268,8 @@ pub struct NotifyRole {
     pub bus: BusConfig,
     pub settings: NotifySettings,
     pub allow_private_networks: bool,
+    /// Auto-disable of endpoints that keep failing.
+    pub disable: deliver::DisablePolicy,
     pub dispatch_health: Option<DispatchHealth>,
     /// This process's in-memory wake-ups (see `herald_storage::wake`).
     pub local: herald_storage::LocalWakes,
@@ -274,7 +288,13 @@ pub async fn start(
     // The writer and the publisher outlive the workers that use them: they stop once
     // those have drained (see the end of this function).
     let writer_stop = CancellationToken::new();
-    let (writer, writer_task) = AttemptWriter::spawn(role.pool.clone(), writer_stop.clone());
+    let cache: Arc<SubscriptionCache> = Arc::default();
+    let (writer, writer_task) = AttemptWriter::spawn(
+        role.pool.clone(),
+        role.disable,
+        cache.clone(),
+        writer_stop.clone(),
+    );
     let mut workers = Vec::new();
     let controls = Arc::new(TypeControls::default());
     if let Err(e) = controls.reload(&role.pool).await {
@@ -305,7 +325,7 @@ pub async fn start(
         publisher: publisher.clone(),
         names: names.clone(),
         controls: controls.clone(),
-        cache: Arc::default(),
+        cache,
         sender,
         github,
         webhook_rate: TypeLimiter::new(wr, wb),

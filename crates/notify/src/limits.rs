@@ -223,6 +223,14 @@ impl TypeLimiter {
 }
 
 type Keyed = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
+type Direct = governor::DefaultDirectRateLimiter;
+
+/// An endpoint's own rate (`rate_per_s` of the webhook), rebuilt when it changes.
+#[derive(Debug)]
+struct OwnRate {
+    rate_per_s: f64,
+    limiter: Arc<Direct>,
+}
 
 /// Per-destination limits: one keyed `governor` limiter by endpoint and one by host.
 ///
@@ -238,6 +246,8 @@ type Keyed = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
 pub struct DestinationLimiter {
     endpoints: Keyed,
     hosts: Keyed,
+    /// Endpoints with a rate of their own, on top of the two above.
+    own: Mutex<std::collections::HashMap<String, OwnRate>>,
     born: Instant,
     last_sweep_ms: AtomicU64,
     sweep_every_ms: u64,
@@ -255,6 +265,7 @@ impl DestinationLimiter {
         DestinationLimiter {
             endpoints: RateLimiter::keyed(quota(per_endpoint_per_s, per_endpoint_burst)),
             hosts: RateLimiter::keyed(quota(per_host_per_s, per_host_burst)),
+            own: Mutex::default(),
             born: Instant::now(),
             last_sweep_ms: AtomicU64::new(0),
             sweep_every_ms: millis(DEFAULT_SWEEP_INTERVAL),
@@ -302,6 +313,42 @@ impl DestinationLimiter {
                 tokio::time::sleep(wait.clamp(Duration::from_millis(1), MAX_WAIT_SLICE)).await;
             }
         }
+    }
+
+    /// [`acquire`](Self::acquire), plus the endpoint's own rate when it has one (burst:
+    /// one second's worth, at least 1). The global per-endpoint and per-host limits
+    /// still apply.
+    pub async fn acquire_with(&self, endpoint: &str, host: &str, own_rate: Option<f64>) {
+        if let Some(rate) = own_rate {
+            let limiter = self.own_limiter(endpoint, rate);
+            while let Err(not_until) = limiter.check() {
+                let wait = not_until.wait_time_from(limiter.clock().now());
+                tokio::time::sleep(wait.clamp(Duration::from_millis(1), MAX_WAIT_SLICE)).await;
+            }
+        }
+        self.acquire(endpoint, host).await;
+    }
+
+    fn own_limiter(&self, endpoint: &str, rate: f64) -> Arc<Direct> {
+        let rate = clamp_rate(rate);
+        let mut own = lock(&self.own);
+        if let Some(o) = own.get(endpoint).filter(|o| o.rate_per_s == rate) {
+            return o.limiter.clone();
+        }
+        if own.len() >= 100_000 {
+            // Only limiters nobody waits on; the others keep their state.
+            own.retain(|_, o| Arc::strong_count(&o.limiter) > 1);
+        }
+        let burst = u32::try_from(rate.ceil() as u64).unwrap_or(u32::MAX).max(1);
+        let limiter = Arc::new(RateLimiter::direct(quota(rate, burst)));
+        own.insert(
+            endpoint.to_owned(),
+            OwnRate {
+                rate_per_s: rate,
+                limiter: limiter.clone(),
+            },
+        );
+        limiter
     }
 
     /// Forgets every key whose bucket is full again (indistinguishable from a new key),

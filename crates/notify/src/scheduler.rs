@@ -47,9 +47,11 @@ async fn lead(
     tracing::info!("elected delivery scheduler");
     let mut last_expiry = Instant::now();
     loop {
-        let mut busy = pass(&mut session, n).await?;
+        // A recover that waits for room in the webhook queue looks again soon.
+        let mut recover_waits = false;
+        let mut busy = pass(&mut session, n, &mut recover_waits).await?;
         while busy {
-            busy = pass(&mut session, n).await?;
+            busy = pass(&mut session, n, &mut recover_waits).await?;
         }
         if last_expiry.elapsed() > Duration::from_secs(60) {
             let gone =
@@ -66,7 +68,11 @@ async fn lead(
                 .max(Duration::from_millis(50)),
             None => Duration::from_secs(30),
         }
-        .min(Duration::from_secs(30));
+        .min(if recover_waits {
+            RECOVER_RECHECK
+        } else {
+            Duration::from_secs(30)
+        });
         tokio::select! {
             _ = due.notified() => {}
             _ = tokio::time::sleep(sleep) => {}
@@ -79,8 +85,16 @@ async fn lead(
     }
 }
 
-/// One batch of each type; true if a batch was full (more may be due).
-async fn pass(session: &mut PgConnection, n: &Notifier) -> Result<bool, StorageError> {
+/// How soon a recover waiting for room in the webhook queue looks again.
+const RECOVER_RECHECK: Duration = Duration::from_millis(250);
+
+/// One batch of each type, and one step of an open recover when the queue has room;
+/// true if a batch was full or a recover moved (more may be due).
+async fn pass(
+    session: &mut PgConnection,
+    n: &Notifier,
+    recover_waits: &mut bool,
+) -> Result<bool, StorageError> {
     let batch = n.settings.scheduler_batch;
     let mut busy = false;
     match n.controls.mode("webhook") {
@@ -93,6 +107,7 @@ async fn pass(session: &mut PgConnection, n: &Notifier) -> Result<bool, StorageE
                     .iter()
                     .map(|(w, _)| AttemptRecord {
                         delivery_id: w.id,
+                        webhook_id: w.webhook_id,
                         status: "skipped".into(),
                         attempted: false,
                         next_attempt_at: None,
@@ -116,9 +131,17 @@ async fn pass(session: &mut PgConnection, n: &Notifier) -> Result<bool, StorageE
                 }
                 let marks: Vec<_> = rows.iter().map(|(w, at)| (w.id, *at)).collect();
                 store::mark_enqueued(session, &marks).await?;
+                crate::fanout::published_deliveries(n, msgs.len(), rows.len());
                 metrics::counter!("herald_notify_scheduled_total", "type" => "webhook")
                     .increment(rows.len() as u64);
             }
+        }
+    }
+    if !busy && n.controls.mode("webhook") == Mode::Enabled {
+        if room_to_recover(n).await {
+            busy |= recover(session, batch).await?;
+        } else {
+            *recover_waits |= store::recovery_open(session).await?;
         }
     }
     if n.controls.mode("github_commit_status") != Mode::Paused {
@@ -145,4 +168,32 @@ async fn pass(session: &mut PgConnection, n: &Notifier) -> Result<bool, StorageE
         }
     }
     Ok(busy)
+}
+
+/// Recovered deliveries are marked only while the webhook queue has room (the
+/// fan-out's allowed backlog, scaled by the throttle): a recover of millions waits in
+/// PostgreSQL as rows, not in the broker, and never outruns the senders.
+async fn room_to_recover(n: &Notifier) -> bool {
+    let limit = (f64::from(n.settings.fanout_max_backlog) * n.throttle.factor()).max(100.0);
+    match crate::fanout::webhook_backlog(n).await {
+        Some(depth) => f64::from(depth) < limit,
+        None => false,
+    }
+}
+
+/// One short transaction of the oldest open recover (see `store::recover_step`); true
+/// when it marked rows (the next pass hands them to the broker, then looks again).
+async fn recover(session: &mut PgConnection, batch: i64) -> Result<bool, StorageError> {
+    let mut tx = session.begin().await?;
+    let marked = store::recover_step(&mut tx, batch).await?;
+    tx.commit().await?;
+    match marked {
+        Some(m) if m > 0 => {
+            metrics::counter!("herald_webhook_recovered_total").increment(m);
+            Ok(true)
+        }
+        // A finished or stopped recover: look at the next one at once.
+        Some(_) => Ok(true),
+        None => Ok(false),
+    }
 }

@@ -463,7 +463,21 @@ impl WebhookSender {
     /// per-host permit throughout; keeps at most [`MAX_RESPONSE_BYTES`] of the answer.
     /// Never panics on anything the receiver does; every failure is an [`Attempt`].
     pub async fn send(&self, url: &str, secret: &str, msg_id: &str, body: &[u8]) -> Attempt {
-        let attempt = self.attempt(url, secret, msg_id, body).await;
+        self.send_signed(url, secret, None, msg_id, body).await
+    }
+
+    /// [`send`](Self::send), also signed with `old_secret` while a rotation overlaps:
+    /// `webhook-signature: v1,<new> v1,<old>`, so a receiver that knows either secret
+    /// verifies it. The second signature costs one more HMAC, nothing else.
+    pub async fn send_signed(
+        &self,
+        url: &str,
+        secret: &str,
+        old_secret: Option<&str>,
+        msg_id: &str,
+        body: &[u8],
+    ) -> Attempt {
+        let attempt = self.attempt(url, secret, old_secret, msg_id, body).await;
         metrics::counter!("herald_webhook_attempts_total", "outcome" => attempt.outcome.label())
             .increment(1);
         metrics::histogram!("herald_webhook_attempt_seconds")
@@ -471,7 +485,14 @@ impl WebhookSender {
         attempt
     }
 
-    async fn attempt(&self, url: &str, secret: &str, msg_id: &str, body: &[u8]) -> Attempt {
+    async fn attempt(
+        &self,
+        url: &str,
+        secret: &str,
+        old_secret: Option<&str>,
+        msg_id: &str,
+        body: &[u8],
+    ) -> Attempt {
         let u = match parse_url(url) {
             Ok(u) => u,
             Err(e) => return failed(e.to_string(), Instant::now()),
@@ -491,10 +512,15 @@ impl WebhookSender {
 
         let started = Instant::now();
         let timestamp = Utc::now().timestamp();
-        let signature = match sign(secret, msg_id, timestamp, body) {
+        let mut signature = match sign(secret, msg_id, timestamp, body) {
             Ok(s) => s,
             Err(e) => return failed(e.to_string(), started),
         };
+        // A broken old secret must not stop deliveries signed with the new one.
+        if let Some(Ok(old)) = old_secret.map(|o| sign(o, msg_id, timestamp, body)) {
+            signature.push(' ');
+            signature.push_str(&old);
+        }
         let sent = self
             .client
             .post(u)

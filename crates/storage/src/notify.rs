@@ -2,9 +2,11 @@
 //! coalesced commit statuses, and the per-type switches with their audit trail.
 
 use crate::error::StorageError;
-use crate::events;
+use crate::events::{self, NewEvent};
 use chrono::{DateTime, Utc};
+use herald_domain::EventType;
 use serde::Serialize;
+use serde_json::json;
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
@@ -29,23 +31,46 @@ pub struct WebhookView {
     pub url: String,
     pub events: Vec<String>,
     pub pipeline: Option<String>,
+    pub enabled: bool,
+    /// The v1 name of `!enabled`, kept for v1 clients.
     pub disabled: bool,
+    /// `gone` (a 410), `failing` or `manual`; None while enabled.
     pub disabled_reason: Option<String>,
+    /// None: the global per-endpoint limit.
+    pub rate_per_s: Option<f64>,
     pub created_at: DateTime<Utc>,
     #[serde(skip)]
     pub secret: String,
+    /// The secret before the last rotation, while it still signs (see [`Self::signing_secrets`]).
+    #[serde(skip)]
+    pub old_secret: Option<(String, DateTime<Utc>)>,
     #[serde(skip)]
     pub org_id: Uuid,
     #[serde(skip)]
     pub pipeline_id: Option<Uuid>,
 }
 
+impl WebhookView {
+    /// The secrets an attempt made at `now` is signed with: the current one, then the
+    /// old one until it expires.
+    pub fn old_secret_at(&self, now: DateTime<Utc>) -> Option<&str> {
+        self.old_secret
+            .as_ref()
+            .filter(|(_, until)| *until > now)
+            .map(|(s, _)| s.as_str())
+    }
+}
+
 const WEBHOOK_COLUMNS: &str =
     "w.id, w.org_id, w.url, w.events, w.pipeline_id, p.slug AS pipeline, \
-     w.disabled_at IS NOT NULL AS disabled, w.disabled_reason, w.created_at, w.secret";
+     w.disabled_at IS NOT NULL AS disabled, w.disabled_reason, w.created_at, w.secret, \
+     w.rate_per_s, w.old_secret, w.old_secret_expires_at";
 
 impl FromRow<'_, PgRow> for WebhookView {
     fn from_row(r: &PgRow) -> Result<Self, sqlx::Error> {
+        let disabled: bool = r.try_get("disabled")?;
+        let old: Option<String> = r.try_get("old_secret")?;
+        let old_until: Option<DateTime<Utc>> = r.try_get("old_secret_expires_at")?;
         Ok(WebhookView {
             id: r.try_get("id")?,
             org_id: r.try_get("org_id")?,
@@ -53,12 +78,32 @@ impl FromRow<'_, PgRow> for WebhookView {
             events: r.try_get("events")?,
             pipeline_id: r.try_get("pipeline_id")?,
             pipeline: r.try_get("pipeline")?,
-            disabled: r.try_get("disabled")?,
-            disabled_reason: r.try_get("disabled_reason")?,
+            enabled: !disabled,
+            disabled,
+            disabled_reason: if disabled {
+                r.try_get("disabled_reason")?
+            } else {
+                None
+            },
+            rate_per_s: r.try_get("rate_per_s")?,
             created_at: r.try_get("created_at")?,
             secret: r.try_get("secret")?,
+            old_secret: old.zip(old_until),
         })
     }
+}
+
+async fn pipeline_id(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    slug: &str,
+) -> Result<Uuid, StorageError> {
+    sqlx::query_scalar("SELECT id FROM pipelines WHERE org_id = $1 AND slug = $2")
+        .bind(org_id)
+        .bind(slug)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StorageError::NotFound("pipeline"))
 }
 
 pub async fn create_webhook(
@@ -71,14 +116,7 @@ pub async fn create_webhook(
 ) -> Result<WebhookView, StorageError> {
     let pipeline_id: Option<Uuid> = match pipeline {
         None => None,
-        Some(slug) => Some(
-            sqlx::query_scalar("SELECT id FROM pipelines WHERE org_id = $1 AND slug = $2")
-                .bind(org_id)
-                .bind(slug)
-                .fetch_optional(&mut *conn)
-                .await?
-                .ok_or(StorageError::NotFound("pipeline"))?,
-        ),
+        Some(slug) => Some(pipeline_id(conn, org_id, slug).await?),
     };
     let id = Uuid::now_v7();
     sqlx::query(
@@ -183,24 +221,142 @@ pub async fn delete_webhook(
     Ok(())
 }
 
-/// 410 Gone from the receiver: the endpoint is disabled until someone re-creates it.
+/// Why an endpoint was disabled, as the API shows it.
+pub mod reasons {
+    /// The receiver answered 410 Gone.
+    pub const GONE: &str = "gone";
+    /// Every attempt failed for `webhooks.disable_after_s` and at least
+    /// `webhooks.disable_min_failures` attempts.
+    pub const FAILING: &str = "failing";
+    /// `PATCH {"enabled": false}`.
+    pub const MANUAL: &str = "manual";
+}
+
+/// The `webhook.disabled` event of a webhook just disabled.
+fn disabled_event(hook: &WebhookView, reason: &str) -> NewEvent {
+    NewEvent {
+        event_type: EventType::WebhookDisabled,
+        org_id: hook.org_id,
+        build_id: None,
+        data: json!({"webhook": hook, "reason": reason}),
+    }
+}
+
+/// Disables an enabled endpoint (`reason` from [`reasons`]) and writes its
+/// `webhook.disabled` event in the caller's transaction. None when it was disabled or
+/// deleted already: each disable is announced once.
 pub async fn disable_webhook(
     conn: &mut PgConnection,
     id: Uuid,
     reason: &str,
-) -> Result<(), StorageError> {
+) -> Result<Option<WebhookView>, StorageError> {
     let org: Option<Uuid> = sqlx::query_scalar(
         "UPDATE webhooks SET disabled_at = now(), disabled_reason = $2, updated_at = now() \
-         WHERE id = $1 AND disabled_at IS NULL RETURNING org_id",
+         WHERE id = $1 AND disabled_at IS NULL AND deleted_at IS NULL RETURNING org_id",
     )
     .bind(id)
     .bind(reason)
     .fetch_optional(&mut *conn)
     .await?;
-    if let Some(org) = org {
-        events::notify(conn, channels::SUBSCRIPTIONS, &org.to_string()).await?;
+    let Some(org) = org else { return Ok(None) };
+    let hook = get_webhook(conn, org, id).await?;
+    events::insert(conn, vec![disabled_event(&hook, reason)]).await?;
+    events::notify(conn, channels::SUBSCRIPTIONS, &org.to_string()).await?;
+    Ok(Some(hook))
+}
+
+/// `PATCH /v1/webhooks/{id}`: a field left `None` is unchanged; `Some(None)` clears a
+/// nullable one. The URL must have passed the SSRF check already.
+#[derive(Debug, Clone, Default)]
+pub struct WebhookPatch {
+    pub url: Option<String>,
+    pub events: Option<Vec<String>>,
+    pub pipeline: Option<Option<String>>,
+    pub enabled: Option<bool>,
+    pub rate_per_s: Option<Option<f64>>,
+}
+
+/// Applies a patch in the caller's transaction. Returns the webhook and whether this
+/// call disabled it (its `webhook.disabled` event is written then). Re-enabling
+/// clears the reason and the failure streak.
+pub async fn update_webhook(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    id: Uuid,
+    patch: &WebhookPatch,
+) -> Result<(WebhookView, bool), StorageError> {
+    let was_disabled: bool = sqlx::query_scalar(
+        "SELECT disabled_at IS NOT NULL FROM webhooks \
+         WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL FOR UPDATE",
+    )
+    .bind(id)
+    .bind(org_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(StorageError::NotFound("webhook"))?;
+    let pipeline: Option<Option<Uuid>> = match &patch.pipeline {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(slug)) => Some(Some(pipeline_id(conn, org_id, slug).await?)),
+    };
+    sqlx::query(
+        "UPDATE webhooks SET \
+             url = coalesce($3, url), \
+             events = coalesce($4, events), \
+             pipeline_id = CASE WHEN $5 THEN $6 ELSE pipeline_id END, \
+             rate_per_s = CASE WHEN $7 THEN $8 ELSE rate_per_s END, \
+             disabled_at = CASE WHEN $9 IS TRUE THEN NULL \
+                                WHEN $9 IS FALSE THEN coalesce(disabled_at, now()) ELSE disabled_at END, \
+             disabled_reason = CASE WHEN $9 IS TRUE THEN NULL WHEN $9 IS FALSE THEN 'manual' \
+                                    ELSE disabled_reason END, \
+             failing_since = CASE WHEN $9 IS TRUE THEN NULL ELSE failing_since END, \
+             failures = CASE WHEN $9 IS TRUE THEN 0 ELSE failures END, \
+             updated_at = now() \
+         WHERE id = $1 AND org_id = $2",
+    )
+    .bind(id)
+    .bind(org_id)
+    .bind(patch.url.as_deref())
+    .bind(patch.events.as_deref())
+    .bind(pipeline.is_some())
+    .bind(pipeline.flatten())
+    .bind(patch.rate_per_s.is_some())
+    .bind(patch.rate_per_s.flatten())
+    .bind(patch.enabled)
+    .execute(&mut *conn)
+    .await?;
+    let hook = get_webhook(conn, org_id, id).await?;
+    let disabled_now = !was_disabled && patch.enabled == Some(false);
+    if disabled_now {
+        events::insert(conn, vec![disabled_event(&hook, reasons::MANUAL)]).await?;
     }
-    Ok(())
+    events::notify(conn, channels::SUBSCRIPTIONS, &org_id.to_string()).await?;
+    Ok((hook, disabled_now))
+}
+
+/// Replaces the secret; the old one keeps signing (as a second signature) for
+/// `old_valid_s` seconds. Returns when it stops.
+pub async fn rotate_secret(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    id: Uuid,
+    new_secret: &str,
+    old_valid_s: i64,
+) -> Result<DateTime<Utc>, StorageError> {
+    let until: DateTime<Utc> = sqlx::query_scalar(
+        "UPDATE webhooks SET old_secret = secret, secret = $3, \
+             old_secret_expires_at = now() + make_interval(secs => $4), updated_at = now() \
+         WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL RETURNING old_secret_expires_at",
+    )
+    .bind(id)
+    .bind(org_id)
+    .bind(new_secret)
+    .bind(old_valid_s as f64)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(StorageError::NotFound("webhook"))?;
+    events::notify(conn, channels::SUBSCRIPTIONS, &org_id.to_string()).await?;
+    Ok(until)
 }
 
 // ---------------------------------------------------------------- GitHub
@@ -356,6 +512,8 @@ pub struct NewDeliveries<'a> {
     pub event_type: &'a str,
     pub payload: &'a serde_json::Value,
     pub webhook_ids: &'a [Uuid],
+    /// Those of `webhook_ids` whose endpoint is disabled: recorded `skipped`.
+    pub disabled: &'a [Uuid],
     pub status: &'a str,
     pub held: bool,
 }
@@ -370,6 +528,7 @@ pub async fn record_deliveries(
         event_type,
         payload,
         webhook_ids,
+        disabled,
         status,
         held,
     } = new;
@@ -381,7 +540,8 @@ pub async fn record_deliveries(
         "WITH body AS (INSERT INTO delivery_payloads (event_id, payload) VALUES ($3, $5) \
                        ON CONFLICT (event_id) DO NOTHING) \
          INSERT INTO deliveries (id, org_id, webhook_id, event_id, event_type, status, next_attempt_at) \
-         SELECT id, $2, wh, $3, $4, $6, CASE WHEN $7 THEN now() END \
+         SELECT id, $2, wh, $3, $4, CASE WHEN wh = ANY($9) THEN 'skipped' ELSE $6 END, \
+                CASE WHEN $7 AND NOT wh = ANY($9) THEN now() END \
          FROM unnest($1::uuid[], $8::uuid[]) AS t(id, wh) \
          ON CONFLICT (event_id, webhook_id) DO NOTHING",
     )
@@ -393,6 +553,7 @@ pub async fn record_deliveries(
     .bind(status)
     .bind(held)
     .bind(webhook_ids)
+    .bind(disabled)
     .execute(&mut *conn)
     .await?;
     // The body is the caller's: not read back (or copied) once per endpoint; the
@@ -426,11 +587,83 @@ pub async fn still_to_attempt(
     .await?)
 }
 
+/// The filters of `GET /v1/webhooks/{id}/deliveries`, each optional.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub status: Option<String>,
+    pub event_type: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Keyset cursor: rows older than this delivery.
+    pub before: Option<Uuid>,
+}
+
+/// The list query, newest first by (created_at, id), with only the conditions that
+/// apply: each filter meets its own index (webhook_id + status, + event_type, +
+/// created_at) rather than one generic plan.
+fn list_query(f: &DeliveryFilter, cols: &str) -> String {
+    let mut sql = format!("SELECT {cols} FROM deliveries d WHERE d.webhook_id = $1");
+    let mut n = 2;
+    let mut arg = |cond: &str| {
+        let s = cond.replace('?', &format!("${n}"));
+        n += 1;
+        s
+    };
+    if f.status.is_some() {
+        sql += &arg(" AND d.status = ?");
+    }
+    if f.event_type.is_some() {
+        sql += &arg(" AND d.event_type = ?");
+    }
+    if f.since.is_some() {
+        sql += &arg(" AND d.created_at >= ?");
+    }
+    if f.until.is_some() {
+        sql += &arg(" AND d.created_at < ?");
+    }
+    if f.before.is_some() {
+        sql += &arg(
+            " AND (d.created_at, d.id) < (SELECT c.created_at, c.id FROM deliveries c WHERE c.id = ?)",
+        );
+    }
+    sql += &arg(" ORDER BY d.created_at DESC, d.id DESC LIMIT ?");
+    sql
+}
+
+fn bind_list<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    webhook_id: Uuid,
+    f: &'q DeliveryFilter,
+    limit: i64,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    q = q.bind(webhook_id);
+    if let Some(s) = &f.status {
+        q = q.bind(s);
+    }
+    if let Some(t) = &f.event_type {
+        q = q.bind(t);
+    }
+    if let Some(t) = f.since {
+        q = q.bind(t);
+    }
+    if let Some(t) = f.until {
+        q = q.bind(t);
+    }
+    if let Some(b) = f.before {
+        q = q.bind(b);
+    }
+    q.bind(limit + 1)
+}
+
+const DELIVERY_COLUMNS_D: &str =
+    "d.id, d.webhook_id, d.event_id, d.event_type, d.status, d.attempts, d.last_status_code, \
+     d.last_error, d.next_attempt_at, d.created_at, d.updated_at";
+
 pub async fn list_deliveries(
     conn: &mut PgConnection,
     org_id: Uuid,
     webhook_id: Uuid,
-    before: Option<Uuid>,
+    filter: &DeliveryFilter,
     limit: i64,
 ) -> Result<Vec<DeliveryView>, StorageError> {
     let exists: bool =
@@ -442,15 +675,199 @@ pub async fn list_deliveries(
     if !exists {
         return Err(StorageError::NotFound("webhook"));
     }
-    Ok(sqlx::query_as(&format!(
-        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE webhook_id = $1 \
-         AND ($2::uuid IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
+    let sql = list_query(filter, DELIVERY_COLUMNS_D);
+    let rows = bind_list(sqlx::query(&sql), webhook_id, filter, limit)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(DeliveryView::from_row)
+        .collect::<Result<_, _>>()?)
+}
+
+/// The plan of [`list_deliveries`]'s query for these filters (`EXPLAIN` text), so a
+/// test can show that each filter is served by an index.
+pub async fn explain_list_deliveries(
+    conn: &mut PgConnection,
+    webhook_id: Uuid,
+    filter: &DeliveryFilter,
+    limit: i64,
+) -> Result<String, StorageError> {
+    let sql = format!("EXPLAIN {}", list_query(filter, DELIVERY_COLUMNS_D));
+    let lines: Vec<String> = bind_list(sqlx::query(&sql), webhook_id, filter, limit)
+        .fetch_all(conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<_, _>>()?;
+    Ok(lines.join("\n"))
+}
+
+/// One logged attempt, as `GET /v1/deliveries/{id}` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptView {
+    pub at: DateTime<Utc>,
+    pub status_code: Option<i32>,
+    pub error: Option<String>,
+    pub duration_ms: i32,
+}
+
+/// The most attempts `GET /v1/deliveries/{id}` shows.
+pub const MAX_SHOWN_ATTEMPTS: i64 = 50;
+
+/// A delivery of the org with its newest attempts (at most [`MAX_SHOWN_ATTEMPTS`]).
+pub async fn get_delivery(
+    conn: &mut PgConnection,
+    org_id: Uuid,
+    id: Uuid,
+) -> Result<(DeliveryView, Vec<AttemptView>), StorageError> {
+    let d: DeliveryView = sqlx::query_as(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = $1 AND org_id = $2"
+    ))
+    .bind(id)
+    .bind(org_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(StorageError::NotFound("delivery"))?;
+    let rows = sqlx::query(
+        "SELECT attempted_at, status_code, error, duration_ms FROM delivery_attempts \
+         WHERE delivery_id = $1 ORDER BY attempted_at DESC, id DESC LIMIT $2",
+    )
+    .bind(id)
+    .bind(MAX_SHOWN_ATTEMPTS)
+    .fetch_all(conn)
+    .await?;
+    let attempts = rows
+        .iter()
+        .map(|r| {
+            Ok(AttemptView {
+                at: r.try_get("attempted_at")?,
+                status_code: r.try_get("status_code")?,
+                error: r.try_get("error")?,
+                duration_ms: r.try_get("duration_ms")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+    Ok((d, attempts))
+}
+
+// ---------------------------------------------------------------- recover
+
+/// The statuses a recover sends again.
+const RECOVERABLE: &str = "('failed', 'dead', 'skipped')";
+
+/// Starts a recover of one endpoint's deliveries created in `[since, until)`: records
+/// it for the scheduler, which marks the rows due in small batches. Returns how many
+/// rows match now. The caller checks that the webhook is the org's and enabled.
+pub async fn start_recovery(
+    conn: &mut PgConnection,
+    webhook_id: Uuid,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<i64, StorageError> {
+    let queued: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM deliveries WHERE webhook_id = $1 AND status IN {RECOVERABLE} \
+         AND created_at >= $2 AND created_at < $3"
     ))
     .bind(webhook_id)
-    .bind(before)
-    .bind(limit + 1)
-    .fetch_all(conn)
+    .bind(since)
+    .bind(until)
+    .fetch_one(&mut *conn)
+    .await?;
+    if queued > 0 {
+        sqlx::query(
+            "INSERT INTO webhook_recoveries (id, webhook_id, since, until, queued) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(webhook_id)
+        .bind(since)
+        .bind(until)
+        .bind(queued)
+        .execute(&mut *conn)
+        .await?;
+        events::notify(conn, channels::DUE, "").await?;
+    }
+    Ok(queued)
+}
+
+/// Whether a recover is still open.
+pub async fn recovery_open(conn: &mut PgConnection) -> Result<bool, StorageError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM webhook_recoveries WHERE finished_at IS NULL)",
+    )
+    .fetch_one(conn)
     .await?)
+}
+
+/// One short step of the oldest open recover, in the caller's transaction: up to
+/// `batch` of its deliveries (oldest first, after its cursor) that are still failed,
+/// dead or skipped become pending and due now, keeping their id (the `webhook-id`) and
+/// attempt count; the cursor moves past them in the same transaction. Rows locked at
+/// that moment (SKIP LOCKED) are being handed to the broker or redelivered already.
+/// The scheduler sends the marked rows like any due retry: through the type's switch,
+/// the rate limits and the throttle. Returns the rows marked, or None when no recover
+/// is open.
+pub async fn recover_step(
+    conn: &mut PgConnection,
+    batch: i64,
+) -> Result<Option<u64>, StorageError> {
+    let Some(r) = sqlx::query(
+        "SELECT r.id, r.webhook_id, r.since, r.until, r.cursor_at, r.cursor_id, \
+                w.disabled_at IS NOT NULL OR w.deleted_at IS NOT NULL AS stopped \
+         FROM webhook_recoveries r JOIN webhooks w ON w.id = r.webhook_id \
+         WHERE r.finished_at IS NULL ORDER BY r.created_at LIMIT 1 FOR UPDATE OF r SKIP LOCKED",
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let id: Uuid = r.try_get("id")?;
+    if r.try_get::<bool, _>("stopped")? {
+        // Disabled or deleted meanwhile: its deliveries would only be skipped again.
+        sqlx::query("UPDATE webhook_recoveries SET finished_at = now() WHERE id = $1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        return Ok(Some(0));
+    }
+    let row = sqlx::query(&format!(
+        "WITH c AS ( \
+             SELECT d.id, d.created_at FROM deliveries d \
+             WHERE d.webhook_id = $1 AND d.status IN {RECOVERABLE} \
+               AND d.created_at >= $2 AND d.created_at < $3 \
+               AND ($4::timestamptz IS NULL OR (d.created_at, d.id) > ($4, $5::uuid)) \
+             ORDER BY d.created_at, d.id LIMIT $6 FOR UPDATE SKIP LOCKED), \
+         m AS ( \
+             UPDATE deliveries d SET status = 'pending', next_attempt_at = now(), updated_at = now() \
+             FROM c WHERE d.id = c.id RETURNING d.id, d.created_at) \
+         SELECT count(*) AS n, max(created_at) AS last_at, \
+                (SELECT id FROM m ORDER BY created_at DESC, id DESC LIMIT 1) AS last_id FROM m"
+    ))
+    .bind(r.try_get::<Uuid, _>("webhook_id")?)
+    .bind(r.try_get::<DateTime<Utc>, _>("since")?)
+    .bind(r.try_get::<DateTime<Utc>, _>("until")?)
+    .bind(r.try_get::<Option<DateTime<Utc>>, _>("cursor_at")?)
+    .bind(r.try_get::<Option<Uuid>, _>("cursor_id")?)
+    .bind(batch)
+    .fetch_one(&mut *conn)
+    .await?;
+    let n: i64 = row.try_get("n")?;
+    let last_at: Option<DateTime<Utc>> = row.try_get("last_at")?;
+    let last_id: Option<Uuid> = row.try_get("last_id")?;
+    sqlx::query(
+        "UPDATE webhook_recoveries SET cursor_at = coalesce($2, cursor_at), \
+             cursor_id = coalesce($3, cursor_id), marked = marked + $4, \
+             finished_at = CASE WHEN $4 < $5 THEN now() END WHERE id = $1",
+    )
+    .bind(id)
+    .bind(last_at)
+    .bind(last_id)
+    .bind(n)
+    .bind(batch)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(u64::try_from(n).unwrap_or(0)))
 }
 
 /// Queues a delivery again, whatever its state: the scheduler hands it to the broker.
@@ -514,6 +931,8 @@ pub async fn replay_dead(
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     pub delivery_id: Uuid,
+    /// Its endpoint, whose failure streak an attempt moves.
+    pub webhook_id: Uuid,
     /// `succeeded`, `failed` (a retry is scheduled), `dead`, `skipped`, or `pending` (held).
     pub status: String,
     /// Whether an HTTP attempt was made (a held or skipped delivery makes none).
@@ -525,15 +944,28 @@ pub struct AttemptRecord {
     pub duration_ms: i32,
 }
 
-/// Writes many attempt results in one transaction: the delivery rows and the attempt log.
+/// An endpoint whose attempts all failed since `since`, `failures` of them.
+#[derive(Debug, Clone, Copy)]
+pub struct FailureStreak {
+    pub webhook_id: Uuid,
+    pub since: DateTime<Utc>,
+    pub failures: i32,
+}
+
+/// Writes many attempt results in one transaction, in one statement: the delivery
+/// rows, the attempt log, and the failure streak of the endpoints that failed (or
+/// that succeeded after failing; a healthy endpoint's row is neither locked nor
+/// written). Returns the streaks of enabled endpoints that are failing now, for the
+/// caller's auto-disable.
 pub async fn record_attempts(
     conn: &mut PgConnection,
     batch: &[AttemptRecord],
-) -> Result<(), StorageError> {
+) -> Result<Vec<FailureStreak>, StorageError> {
     if batch.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = batch.iter().map(|a| a.delivery_id).collect();
+    let hooks: Vec<Uuid> = batch.iter().map(|a| a.webhook_id).collect();
     let statuses: Vec<&str> = batch.iter().map(|a| a.status.as_str()).collect();
     let attempted: Vec<bool> = batch.iter().map(|a| a.attempted).collect();
     let next: Vec<Option<DateTime<Utc>>> = batch.iter().map(|a| a.next_attempt_at).collect();
@@ -541,7 +973,7 @@ pub async fn record_attempts(
     let errors: Vec<Option<&str>> = batch.iter().map(|a| a.error.as_deref()).collect();
     let bodies: Vec<Option<&str>> = batch.iter().map(|a| a.response_body.as_deref()).collect();
     let durations: Vec<i32> = batch.iter().map(|a| a.duration_ms).collect();
-    sqlx::query(
+    let rows = sqlx::query(
         "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[], $5::int[], $6::text[]) \
                     AS t(id, status, attempted, next_at, code, err)), \
               upd AS ( \
@@ -551,11 +983,26 @@ pub async fn record_attempts(
                      last_status_code = CASE WHEN v.attempted THEN v.code ELSE d.last_status_code END, \
                      last_error = CASE WHEN v.attempted OR v.err IS NOT NULL THEN v.err ELSE d.last_error END, \
                      updated_at = now() \
-                 FROM v WHERE d.id = v.id RETURNING d.id, d.attempts) \
-         INSERT INTO delivery_attempts (delivery_id, attempt, status_code, error, response_body, duration_ms) \
-         SELECT t.id, upd.attempts, t.code, t.err, t.body, t.ms \
-         FROM unnest($1::uuid[], $3::bool[], $5::int[], $6::text[], $7::text[], $8::int[]) AS t(id, attempted, code, err, body, ms) \
-         JOIN upd ON upd.id = t.id WHERE t.attempted",
+                 FROM v WHERE d.id = v.id RETURNING d.id, d.attempts), \
+              log AS ( \
+                 INSERT INTO delivery_attempts (delivery_id, attempt, status_code, error, response_body, duration_ms) \
+                 SELECT t.id, upd.attempts, t.code, t.err, t.body, t.ms \
+                 FROM unnest($1::uuid[], $3::bool[], $5::int[], $6::text[], $7::text[], $8::int[]) AS t(id, attempted, code, err, body, ms) \
+                 JOIN upd ON upd.id = t.id WHERE t.attempted), \
+              h AS ( \
+                 SELECT wh, bool_or(status = 'succeeded') AS ok, count(*) FILTER (WHERE status <> 'succeeded') AS n \
+                 FROM unnest($9::uuid[], $2::text[], $3::bool[]) AS t(wh, status, attempted) \
+                 WHERE attempted GROUP BY wh), \
+              l AS ( \
+                 SELECT w.id FROM webhooks w JOIN h ON h.wh = w.id \
+                 WHERE NOT h.ok OR w.failing_since IS NOT NULL ORDER BY w.id FOR UPDATE OF w), \
+              streak AS ( \
+                 UPDATE webhooks w SET \
+                     failing_since = CASE WHEN h.ok THEN NULL ELSE coalesce(w.failing_since, now()) END, \
+                     failures = CASE WHEN h.ok THEN 0 ELSE w.failures + h.n::int END \
+                 FROM l JOIN h ON h.wh = l.id WHERE w.id = l.id \
+                 RETURNING w.id, w.failing_since, w.failures, w.disabled_at IS NULL AND w.deleted_at IS NULL AS live) \
+         SELECT id, failing_since, failures FROM streak WHERE live AND failing_since IS NOT NULL",
     )
     .bind(&ids)
     .bind(&statuses)
@@ -565,13 +1012,22 @@ pub async fn record_attempts(
     .bind(&errors)
     .bind(&bodies)
     .bind(&durations)
-    .execute(&mut *conn)
+    .bind(&hooks)
+    .fetch_all(&mut *conn)
     .await?;
     // Wake the scheduler so it sleeps until the earliest of these.
     if batch.iter().any(|a| a.next_attempt_at.is_some()) {
         events::notify(conn, channels::DUE, "").await?;
     }
-    Ok(())
+    rows.iter()
+        .map(|r| {
+            Ok(FailureStreak {
+                webhook_id: r.try_get("id")?,
+                since: r.try_get("failing_since")?,
+                failures: r.try_get("failures")?,
+            })
+        })
+        .collect()
 }
 
 /// Deliveries whose time has come (retries, held rows of a resumed type, replays).

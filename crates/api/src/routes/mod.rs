@@ -36,6 +36,7 @@ pub mod builds;
 pub mod health;
 pub mod ops;
 pub mod orgs;
+pub mod webhook_controls;
 pub mod webhooks;
 
 use crate::error::ApiError;

@@ -21,16 +21,10 @@ pub struct CreateWebhook {
     pipeline: Option<String>,
 }
 
+/// The webhook object: `id, url, events, pipeline, enabled, disabled, disabled_reason,
+/// rate_per_s, created_at` (the secret only once, on create).
 fn view(w: &store::WebhookView) -> Value {
-    json!({
-        "id": w.id,
-        "url": w.url,
-        "events": w.events,
-        "pipeline": w.pipeline,
-        "disabled": w.disabled,
-        "disabled_reason": w.disabled_reason,
-        "created_at": w.created_at,
-    })
+    json!(w)
 }
 
 pub async fn create(
@@ -111,33 +105,6 @@ pub async fn delete(
     store::delete_webhook(&mut tx, org, id).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-pub async fn deliveries(
-    State(state): State<AppState>,
-    Org(org): Org,
-    Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id, "webhook")?;
-    let p = page(&q)?;
-    let reader = state.router.reader().await;
-    let rows = match reader.pool.acquire().await {
-        Ok(mut conn) => store::list_deliveries(&mut conn, org, id, p.before, p.limit).await,
-        Err(e) => Err(e.into()),
-    };
-    let rows = match rows {
-        Ok(r) => r,
-        Err(e) if reader.is_replica => {
-            if !matches!(e, StorageError::NotFound(_)) {
-                state.router.replica_failed();
-            }
-            let mut conn = state.router.primary().acquire().await?;
-            store::list_deliveries(&mut conn, org, id, p.before, p.limit).await?
-        }
-        Err(e) => return Err(e.into()),
-    };
-    Ok(Json(list_response(rows, p.limit, |d| d.id)))
 }
 
 pub async fn redeliver(

@@ -174,7 +174,7 @@ pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
             .collect();
         let open = async {
             let mut conn = n.pool.acquire().await?;
-            store::still_to_attempt(&mut conn, &items).await
+            store::still_to_attempt(&mut conn, &items, batch.recheck).await
         };
         match open.await {
             Ok(open) => batch.deliveries.retain(|d| open.contains(&d.delivery_id)),

@@ -570,19 +570,25 @@ pub async fn record_deliveries(
 
 /// Of `(delivery, attempts made before)` pairs of a redelivered message, the
 /// deliveries still waiting for that attempt: pending, in the broker (not held or
-/// scheduled in PostgreSQL), with no attempt recorded since.
+/// scheduled in PostgreSQL), with no attempt recorded since. A message the scheduler
+/// published (`from_scheduler`) may arrive before the scheduler marks its rows as
+/// handed over, so for it a row still due (or still `failed`) counts too; its attempt
+/// count alone tells whether the attempt was made.
 pub async fn still_to_attempt(
     conn: &mut PgConnection,
     items: &[(Uuid, i32)],
+    from_scheduler: bool,
 ) -> Result<Vec<Uuid>, StorageError> {
     let (ids, attempts): (Vec<Uuid>, Vec<i32>) = items.iter().copied().unzip();
     Ok(sqlx::query_scalar(
         "SELECT d.id FROM deliveries d JOIN unnest($1::uuid[], $2::int[]) AS v(id, attempts) \
            ON d.id = v.id \
-         WHERE d.status = 'pending' AND d.attempts = v.attempts AND d.next_attempt_at IS NULL",
+         WHERE d.attempts = v.attempts AND CASE WHEN $3 THEN d.status IN ('pending', 'failed') \
+               ELSE d.status = 'pending' AND d.next_attempt_at IS NULL END",
     )
     .bind(&ids)
     .bind(&attempts)
+    .bind(from_scheduler)
     .fetch_all(conn)
     .await?)
 }

@@ -413,7 +413,7 @@ fn error_responses() -> Value {
 // ------------------------------------------------------------------ paths
 
 fn paths() -> Value {
-    let ops: Vec<(&str, &str, Value)> = vec![
+    let mut ops: Vec<(&str, &str, Value)> = vec![
         ("/healthz", "get", healthz()),
         ("/readyz", "get", readyz()),
         ("/metrics", "get", metrics()),
@@ -452,6 +452,7 @@ fn paths() -> Value {
         ("/v1/jobs/{id}/start", "put", start_job()),
         ("/v1/jobs/{id}/finish", "put", finish_job()),
     ];
+    ops.extend(webhook_control_paths());
     let mut paths = Map::new();
     for (path, method, op) in ops {
         let item = paths.entry(path).or_insert_with(|| json!({}));
@@ -872,6 +873,10 @@ fn list_deliveries() -> Value {
     .param(param("WebhookId"))
     .param(param("Limit"))
     .param(param("Cursor"))
+    .param(query_param("status", "Only deliveries in this status (`pending`, `succeeded`, `failed`, `dead`, `skipped`); anything else is 422.", json!({"type": "string", "enum": ["pending", "succeeded", "failed", "dead", "skipped"]})))
+    .param(query_param("event_type", "Only deliveries of this event type; an unknown type is 422.", schema("EventType")))
+    .param(query_param("since", "Only deliveries created at or after this RFC 3339 time.", json!({"type": "string", "format": "date-time"})))
+    .param(query_param("until", "Only deliveries created before this RFC 3339 time.", json!({"type": "string", "format": "date-time"})))
     .json(200, "A page of deliveries.", "DeliveryList")
     .errors(&[400, 401, 404, 422, 503])
     .done()
@@ -887,6 +892,217 @@ fn redeliver() -> Value {
         .json(202, "Queued.", "RedeliverResponse")
         .errors(&[401, 404, 503])
         .done()
+}
+
+// ---- webhooks: update, rotate, recover, one delivery, the event catalog (v1.1)
+
+fn query_param(name: &str, description: &str, schema: Value) -> Value {
+    json!({"name": name, "in": "query", "required": false, "description": description, "schema": schema})
+}
+
+fn webhook_control_paths() -> Vec<(&'static str, &'static str, Value)> {
+    vec![
+        ("/v1/webhooks/{id}", "patch", patch_webhook()),
+        ("/v1/webhooks/{id}/rotate-secret", "post", rotate_secret()),
+        ("/v1/webhooks/{id}/recover", "post", recover_webhook()),
+        ("/v1/deliveries/{id}", "get", get_delivery()),
+        ("/v1/event-types", "get", list_event_types()),
+    ]
+}
+
+fn patch_webhook() -> Value {
+    Op::new("webhooks", "updateWebhook", "Update a webhook", Auth::Org)
+        .describe(
+            "Changes only the fields sent. `url` passes the same SSRF check as on create. \
+             `pipeline: null` and `rate_per_s: null` clear them. `enabled: true` clears \
+             `disabled_reason` and the failure streak (deliveries recorded `skipped` meanwhile \
+             can be sent with `recover`); `enabled: false` disables it with reason `manual` \
+             and announces `webhook.disabled`. Every Herald process follows within 1 s. The \
+             secret is not shown (see `rotate-secret`).",
+        )
+        .param(param("WebhookId"))
+        .body("PatchWebhookRequest", true, "The fields to change.")
+        .json(200, "The webhook.", "Webhook")
+        .error(
+            422,
+            "Invalid `events`, `rate_per_s` or an unknown `pipeline` (`validation_failed`), a \
+             refused `url` (`invalid_url`), an unknown field (`invalid_body`).",
+        )
+        .errors(&[400, 401, 404, 413, 503])
+        .done()
+}
+
+fn rotate_secret() -> Value {
+    Op::new(
+        "webhooks",
+        "rotateSecret",
+        "Rotate a webhook's secret",
+        Auth::Org,
+    )
+    .describe(
+        "Replaces the secret. Until `old_secret_expires_at` every attempt carries both \
+             signatures, `webhook-signature: v1,<new> v1,<old>` (space-separated, as Standard \
+             Webhooks allows), so a receiver that knows either secret verifies every delivery \
+             while it switches. `old_secret_valid_s: 0` ends the old secret at once.",
+    )
+    .param(param("WebhookId"))
+    .body(
+        "RotateSecretRequest",
+        false,
+        "How long the old secret keeps signing.",
+    )
+    .json(
+        200,
+        "The new secret (shown once) and when the old one stops signing.",
+        "RotatedSecret",
+    )
+    .error(
+        422,
+        "`old_secret_valid_s` outside 0 to 604800 (`validation_failed`).",
+    )
+    .errors(&[400, 401, 404, 413, 503])
+    .done()
+}
+
+fn recover_webhook() -> Value {
+    Op::new(
+        "webhooks",
+        "recoverWebhook",
+        "Send again what failed in a time window",
+        Auth::Org,
+    )
+    .describe(
+        "Every delivery of this endpoint created in `[since, until)` (`until` defaults to \
+             now) whose status is `failed`, `dead` or `skipped` is sent again, once, with its \
+             original `webhook-id` and its attempt count (a `dead` one that fails again is \
+             `dead` again; a `failed` or `skipped` one goes on with the retry schedule). \
+             Returns at once: the rows are marked due in small batches in the background, \
+             only while the webhook queue has room, and go out through the type's switch \
+             (nothing is sent while `webhook` is paused or disabled), its rate, the \
+             endpoint's and host's limits and the throttle. `queued` counts the matching \
+             deliveries when the call was made.",
+    )
+    .param(param("WebhookId"))
+    .body("RecoverRequest", true, "The time window.")
+    .json(202, "Queued.", "RecoverResponse")
+    .error(
+        409,
+        "The endpoint is disabled (`webhook_disabled`): enable it first.",
+    )
+    .error(
+        422,
+        "`since` older than the kept history, `notify.history_retention_s` \
+             (`since_out_of_history`); `until` not after `since` (`validation_failed`); a \
+             missing or malformed time (`invalid_body`).",
+    )
+    .errors(&[400, 401, 404, 413, 503])
+    .done()
+}
+
+fn get_delivery() -> Value {
+    Op::new(
+        "webhooks",
+        "getDelivery",
+        "Get a delivery with its attempts",
+        Auth::Org,
+    )
+    .describe(
+        "The delivery, with `attempts` (here a list, not a count: the count is \
+             `attempts_made`) of its newest 50 attempts, newest first. Read from the replica.",
+    )
+    .param(param("DeliveryId"))
+    .json(200, "The delivery.", "DeliveryWithAttempts")
+    .errors(&[401, 404, 503])
+    .done()
+}
+
+fn list_event_types() -> Value {
+    Op::new("webhooks", "listEventTypes", "List event types", Auth::Org)
+        .describe(
+            "Every event type a webhook can subscribe to, what it means, and the JSON Schema \
+             (draft 2020-12) of its `data`. Objects allow properties beyond those listed.",
+        )
+        .json(200, "The catalog.", "EventTypeList")
+        .errors(&[401, 503])
+        .done()
+}
+
+fn webhook_control_schemas() -> Value {
+    json!({
+        "PatchWebhookRequest": {
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {
+                "url": {"type": "string", "format": "uri"},
+                "events": {"type": "array", "minItems": 1, "maxItems": 50, "items": schema("EventPattern")},
+                "pipeline": {"type": "string", "nullable": true},
+                "enabled": {"type": "boolean"},
+                "rate_per_s": {"type": "number", "nullable": true, "minimum": 0, "exclusiveMinimum": true, "maximum": 1000000},
+            },
+            "example": {"url": "https://ci.example.com/herald-v2", "enabled": true, "rate_per_s": 20},
+        },
+        "RotateSecretRequest": {
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {
+                "old_secret_valid_s": {"type": "integer", "minimum": 0, "maximum": 604800, "default": 86400},
+            },
+        },
+        "RotatedSecret": {
+            "type": "object",
+            "required": ["secret", "old_secret_expires_at"],
+            "properties": {
+                "secret": {"type": "string", "pattern": "^whsec_[A-Za-z0-9+/]+={0,2}$"},
+                "old_secret_expires_at": time("Until then attempts are signed with both secrets."),
+            },
+        },
+        "RecoverRequest": {
+            "type": "object",
+            "required": ["since"],
+            "additionalProperties": false,
+            "properties": {
+                "since": time("Start of the window (inclusive)."),
+                "until": time("End of the window (exclusive); default now."),
+            },
+        },
+        "RecoverResponse": {
+            "type": "object",
+            "required": ["queued"],
+            "properties": {"queued": {"type": "integer", "minimum": 0}},
+        },
+        "Attempt": {
+            "type": "object",
+            "required": ["at", "status_code", "error", "duration_ms"],
+            "properties": {
+                "at": time("When the attempt was made."),
+                "status_code": {"type": "integer", "nullable": true, "description": "`null`: no answer."},
+                "error": {"type": "string", "nullable": true, "description": "`null` on success."},
+                "duration_ms": {"type": "integer", "minimum": 0},
+            },
+        },
+        "DeliveryWithAttempts": {
+            "allOf": [
+                schema("Delivery"),
+                {"type": "object", "required": ["attempts", "attempts_made"], "properties": {
+                    "attempts": {"type": "array", "maxItems": 50, "items": schema("Attempt")},
+                    "attempts_made": {"type": "integer", "minimum": 0},
+                }},
+            ],
+        },
+        "EventTypeList": {
+            "type": "object",
+            "required": ["items"],
+            "properties": {"items": {"type": "array", "items": {
+                "type": "object",
+                "required": ["type", "description", "schema"],
+                "properties": {
+                    "type": schema("EventType"),
+                    "description": {"type": "string"},
+                    "schema": {"type": "object", "description": "JSON Schema of the event's `data`."},
+                },
+            }}},
+        },
+    })
 }
 
 // ---- agents
@@ -1019,6 +1235,7 @@ fn schemas() -> Value {
         build_schemas(),
         agent_schemas(),
         webhook_schemas(),
+        webhook_control_schemas(),
     ] {
         if let Value::Object(m) = part {
             all.extend(m);
@@ -1100,7 +1317,7 @@ fn enum_schemas() -> Value {
             "type": "string",
             "enum": ["build.scheduled", "build.running", "build.finished", "job.scheduled",
                      "job.assigned", "job.started", "job.finished", "agent.connected",
-                     "agent.lost", "agent.disconnected"],
+                     "agent.lost", "agent.disconnected", "webhook.disabled"],
         },
         "EventPattern": {
             "type": "string",
@@ -1478,14 +1695,26 @@ fn webhook_schemas() -> Value {
         },
         "Webhook": {
             "type": "object",
-            "required": ["id", "url", "events", "pipeline"],
+            "required": ["id", "url", "events", "pipeline", "enabled", "disabled_reason",
+                         "rate_per_s", "created_at"],
             "properties": {
                 "id": uuid("The webhook's id."),
                 "url": {"type": "string"},
                 "events": {"type": "array", "items": schema("EventPattern")},
                 "pipeline": {"type": "string", "nullable": true},
-                "disabled": {"type": "boolean", "description": "True after the receiver answered 410."},
-                "disabled_reason": {"type": "string", "nullable": true},
+                "enabled": {"type": "boolean", "description": "False once disabled (see \
+                    `disabled_reason`): its deliveries are then recorded `skipped`. \
+                    `PATCH {\"enabled\": true}` enables it again."},
+                "disabled": {"type": "boolean", "description": "`!enabled`, the v1 name."},
+                "disabled_reason": {"type": "string", "nullable": true,
+                    "enum": ["gone", "failing", "manual", null],
+                    "description": "`gone`: the receiver answered 410. `failing`: every attempt \
+                        failed for `webhooks.disable_after_s` (5 days) and at least \
+                        `webhooks.disable_min_failures` (20) attempts. `manual`: \
+                        `PATCH {\"enabled\": false}`. `null` while enabled."},
+                "rate_per_s": {"type": "number", "nullable": true, "exclusiveMinimum": true, "minimum": 0,
+                    "description": "The endpoint's own rate limit, on top of the global \
+                        per-endpoint and per-host limits; `null`: the global per-endpoint limit only."},
                 "created_at": time("When it was created."),
             },
         },
@@ -1594,6 +1823,11 @@ mod tests {
         ("delete", "/v1/webhooks/{id}"),
         ("get", "/v1/webhooks/{id}/deliveries"),
         ("post", "/v1/deliveries/{id}/redeliver"),
+        ("patch", "/v1/webhooks/{id}"),
+        ("post", "/v1/webhooks/{id}/rotate-secret"),
+        ("post", "/v1/webhooks/{id}/recover"),
+        ("get", "/v1/deliveries/{id}"),
+        ("get", "/v1/event-types"),
         ("post", "/v1/agents/register"),
         ("post", "/v1/agent/ping"),
         ("post", "/v1/agent/heartbeat"),
@@ -1799,7 +2033,7 @@ mod tests {
         );
         assert_eq!(
             schemas["EventType"]["enum"].as_array().map(Vec::len),
-            Some(10)
+            Some(11)
         );
         assert_eq!(
             schemas["CreateBuildRequest"]["properties"]["branch"]["default"],

@@ -41,6 +41,11 @@ else
     echo "warning: could not list old test databases (needs a superuser); carrying on" >&2
 fi
 
+# Pinned third-party verifiers (standardwebhooks, jsonschema) in /var/tmp/herald-venv.
+# The tests that use them run this again and fail with its message if it cannot install.
+step "python test tools (scripts/python-deps.sh)"
+bash scripts/python-deps.sh || echo "warning: python-deps.sh failed; the webhook signature and schema tests will fail" >&2
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

@@ -1472,8 +1472,18 @@ pub async fn expire_history(
     )
     .bind(retention_s)
     .bind(batch)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    // Finished recovers, once they are history too.
+    let r = sqlx::query(
+        "DELETE FROM webhook_recoveries WHERE id IN (SELECT id FROM webhook_recoveries \
+         WHERE finished_at < now() - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention_s)
+    .bind(batch)
     .execute(conn)
     .await?
     .rows_affected();
-    Ok(a + d + p)
+    Ok(a + d + p + r)
 }

@@ -1343,3 +1343,61 @@ async fn an_endpoint_s_own_rate_limits_it_and_not_the_others() {
     app.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recover_waits_while_the_webhook_type_is_paused() {
+    let env = TestEnv::new().await;
+    let mut app = env.start(ALL_ROLES, &[PRIVATE_OK]).await;
+    let (api, _) = org(&app, "acme").await;
+    let r = Receiver::start(200).await;
+    let hook = create_hook(&api, &r.url, json!(["build.finished"])).await;
+    let hook_id = Uuid::parse_str(&id_of(&hook)).expect("uuid");
+    dead_deliveries(&env, org_id(&env, "acme").await, hook_id, 50, 60).await;
+    let set = |mode: &'static str| {
+        let admin = app.admin.clone();
+        async move {
+            let (s, t) = call(
+                &admin,
+                Method::PUT,
+                "/v1/ops/notification-types/webhook",
+                Some(json!({"mode": mode, "reason": "recover test"})),
+            )
+            .await;
+            assert_eq!(s, 200, "{t}");
+        }
+    };
+    set("paused").await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // the switch's "within 1 s"
+    let since = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let (s, q) = call(
+        &api,
+        Method::POST,
+        &format!("/v1/webhooks/{hook_id}/recover"),
+        Some(json!({"since": since.to_rfc3339()})),
+    )
+    .await;
+    assert_eq!((s, q["queued"].clone()), (202, json!(50)), "{q}");
+    // Paused: nothing is marked, nothing is sent (a scheduler pass runs at once on
+    // the recover's wake-up and again on this wait's polls).
+    for _ in 0..20 {
+        assert_eq!(r.count(), 0, "sent while paused");
+        assert_eq!(
+            env.count("SELECT count(*) FROM deliveries WHERE status = 'dead'")
+                .await,
+            50,
+            "marked while paused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    set("enabled").await;
+    eventually(T, "the recovered deliveries to succeed", || async {
+        (env.count("SELECT count(*) FROM deliveries WHERE status = 'succeeded'")
+            .await
+            == 50)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(r.count(), 50);
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -148,6 +148,16 @@ async fn patch(api: &Client, id: &str, body: Value) -> (u16, Value) {
     .await
 }
 
+async fn recover(api: &Client, hook: &str, since: chrono::DateTime<chrono::Utc>) -> (u16, Value) {
+    call(
+        api,
+        Method::POST,
+        &format!("/v1/webhooks/{hook}/recover"),
+        Some(json!({"since": since.to_rfc3339()})),
+    )
+    .await
+}
+
 async fn list(api: &Client, id: &str, query: &str) -> (u16, Value) {
     call(
         api,
@@ -678,13 +688,7 @@ async fn a_failing_endpoint_is_disabled_announced_skipped_and_recovered_after_en
         attempts_at_disable,
         "no attempt while disabled"
     );
-    let (s, e) = call(
-        &api,
-        Method::POST,
-        &format!("/v1/webhooks/{id}/recover"),
-        Some(json!({"since": started.to_rfc3339()})),
-    )
-    .await;
+    let (s, e) = recover(&api, &id.to_string(), started).await;
     assert_error(s, &e, 409);
 
     // Re-enable: the reason and the streak are cleared; a recover sends both again,
@@ -696,13 +700,7 @@ async fn a_failing_endpoint_is_disabled_announced_skipped_and_recovered_after_en
         (w["enabled"].clone(), w["disabled_reason"].clone()),
         (json!(true), Value::Null)
     );
-    let (s, q) = call(
-        &api,
-        Method::POST,
-        &format!("/v1/webhooks/{id}/recover"),
-        Some(json!({"since": started.to_rfc3339()})),
-    )
-    .await;
+    let (s, q) = recover(&api, &id.to_string(), started).await;
     assert_eq!((s, q["queued"].clone()), (202, json!(2)), "{q}");
     eventually(T, "both recovered deliveries to succeed", || async {
         let d = items(&api, &id, "").await;
@@ -723,13 +721,7 @@ async fn a_failing_endpoint_is_disabled_announced_skipped_and_recovered_after_en
         "each sent once more, with its original webhook-id"
     );
     // Nothing is left to recover.
-    let (s, q) = call(
-        &api,
-        Method::POST,
-        &format!("/v1/webhooks/{id}/recover"),
-        Some(json!({"since": started.to_rfc3339()})),
-    )
-    .await;
+    let (s, q) = recover(&api, &id.to_string(), started).await;
     assert_eq!((s, q["queued"].clone()), (202, json!(0)));
 
     // A manual disable is announced too.
@@ -874,13 +866,7 @@ async fn a_recover_survives_a_kill_of_notify_losing_nothing_and_repeating_no_suc
     dead_deliveries(&env, org_id(&env, "acme").await, hook_id, N, 600).await;
     let mut notify = env.spawn("notify", &notify_vars);
     let since = chrono::Utc::now() - chrono::Duration::minutes(15);
-    let (s, q) = call(
-        &api,
-        Method::POST,
-        &format!("/v1/webhooks/{hook_id}/recover"),
-        Some(json!({"since": since.to_rfc3339()})),
-    )
-    .await;
+    let (s, q) = recover(&api, &hook_id.to_string(), since).await;
     assert_eq!((s, q["queued"].clone()), (202, json!(N)), "{q}");
     eventually(T, "part of the recover to arrive", || async {
         (r.count() > 300).then_some(())
@@ -1369,13 +1355,7 @@ async fn a_recover_waits_while_the_webhook_type_is_paused() {
     set("paused").await;
     tokio::time::sleep(Duration::from_secs(1)).await; // the switch's "within 1 s"
     let since = chrono::Utc::now() - chrono::Duration::minutes(5);
-    let (s, q) = call(
-        &api,
-        Method::POST,
-        &format!("/v1/webhooks/{hook_id}/recover"),
-        Some(json!({"since": since.to_rfc3339()})),
-    )
-    .await;
+    let (s, q) = recover(&api, &hook_id.to_string(), since).await;
     assert_eq!((s, q["queued"].clone()), (202, json!(50)), "{q}");
     // Paused: nothing is marked, nothing is sent (a scheduler pass runs at once on
     // the recover's wake-up and again on this wait's polls).

@@ -44,6 +44,14 @@ use base64::Engine;
 use std::collections::HashMap;
 use uuid::Uuid;
 
+/// A pipeline slug from a path: one that cannot be a slug names no pipeline (and never
+/// reaches the database, which refuses some bytes).
+pub fn path_slug(raw: &str) -> Result<String, ApiError> {
+    herald_domain::Slug::parse("pipeline", raw)
+        .map(herald_domain::Slug::into_inner)
+        .map_err(|_| ApiError::NotFound("pipeline"))
+}
+
 pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 500;
 

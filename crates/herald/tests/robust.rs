@@ -1,0 +1,610 @@
+//! Nothing a client sends gets a 500, every error has the contract's JSON body, a lost
+//! database connection is a 503, tokens are checked as the contract says, every
+//! process can be watched, and the OpenAPI document covers every route.
+
+mod common;
+
+use common::*;
+use herald_client::{Client, Method};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+const PRIVATE: &[(&str, &str)] = &[("HERALD_WEBHOOKS__ALLOW_PRIVATE_NETWORKS", "true")];
+
+/// A raw answer: status, headers, body bytes.
+struct Raw {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Raw {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// Asserts the contract's error body and returns its code.
+    fn error_code(&self, what: &str) -> String {
+        let ct = self
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(
+            ct.starts_with("application/json"),
+            "{what}: {} with content-type `{ct}`: {}",
+            self.status,
+            String::from_utf8_lossy(&self.body)
+        );
+        let v = self.json();
+        let code = v["error"]["code"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            !code.is_empty() && v["error"]["message"].is_string(),
+            "{what}: not the error body: {v}"
+        );
+        code
+    }
+}
+
+async fn raw(
+    base: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    content_type: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Raw {
+    let http = reqwest::Client::new();
+    let mut req = http.request(method, format!("{base}{path}"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    if let Some(b) = body {
+        req = req.body(b);
+    }
+    let res = req.send().await.expect("http call");
+    Raw {
+        status: res.status().as_u16(),
+        headers: res.headers().clone(),
+        body: res.bytes().await.expect("body").to_vec(),
+    }
+}
+
+async fn send(c: &Client, method: Method, path: &str, body: Value) -> Raw {
+    let bytes = serde_json::to_vec(&body).expect("json");
+    raw(
+        c.base(),
+        method,
+        path,
+        c.token(),
+        Some("application/json"),
+        Some(bytes),
+    )
+    .await
+}
+
+fn job(extra: Value) -> Value {
+    let mut j = json!({"key": "test", "command": "make test"});
+    if let (Some(j), Some(e)) = (j.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            j.insert(k.clone(), v.clone());
+        }
+    }
+    j
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_bytes_and_control_characters_are_422_not_500() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api", PRIVATE).await;
+    let (api, reg) = org(&app, "acme").await;
+    let nul = "a\u{0000}b";
+    let build = |b: Value| ("POST", "/v1/pipelines/web/builds".to_owned(), b);
+    let cases: Vec<(&str, String, Value)> = vec![
+        ("POST", "/v1/orgs".into(), json!({"slug": nul})),
+        (
+            "POST",
+            "/v1/pipelines".into(),
+            json!({"slug": nul, "repository": "a/b"}),
+        ),
+        (
+            "POST",
+            "/v1/pipelines".into(),
+            json!({"slug": "x", "repository": nul}),
+        ),
+        build(build_body(json!([job(json!({"command": nul}))]))),
+        build(build_body(json!([job(json!({"label": nul}))]))),
+        build(build_body(json!([job(json!({"env": {"A": nul}}))]))),
+        build(build_body(json!([job(json!({"env": {nul: "1"}}))]))),
+        build(build_body(json!([job(json!({"key": nul}))]))),
+        build(build_body(json!([job(json!({"queue": nul}))]))),
+        build(build_body(json!([job(json!({"depends_on": [nul]}))]))),
+        build(json!({"commit": SHA, "branch": nul, "jobs": [job(json!({}))]})),
+        build(json!({"commit": SHA, "branch": "a\nb", "jobs": [job(json!({}))]})),
+        build(json!({"commit": SHA, "branch": "a\u{7f}b", "jobs": [job(json!({}))]})),
+        build(json!({"commit": SHA, "message": nul, "jobs": [job(json!({}))]})),
+        build(json!({"commit": nul, "jobs": [job(json!({}))]})),
+        (
+            "POST",
+            "/v1/webhooks".into(),
+            json!({"url": format!("http://127.0.0.1:9/{nul}"), "events": ["*"]}),
+        ),
+        (
+            "POST",
+            "/v1/webhooks".into(),
+            json!({"url": "http://127.0.0.1:9/", "events": [nul]}),
+        ),
+        (
+            "POST",
+            "/v1/webhooks".into(),
+            json!({"url": "http://127.0.0.1:9/", "events": [""]}),
+        ),
+        (
+            "POST",
+            "/v1/webhooks".into(),
+            json!({"url": "http://127.0.0.1:9/", "events": ["*"], "pipeline": nul}),
+        ),
+        (
+            "PUT",
+            "/v1/pipelines/web/github".into(),
+            json!({"token": nul}),
+        ),
+        (
+            "PUT",
+            "/v1/pipelines/web/github".into(),
+            json!({"token": "t", "api_url": format!("https://x/{nul}")}),
+        ),
+    ];
+    for (method, path, body) in cases {
+        let client = if path == "/v1/orgs" { &app.admin } else { &api };
+        let method: Method = method.parse().expect("method");
+        let r = send(client, method.clone(), &path, body.clone()).await;
+        assert_eq!(r.status, 422, "{method} {path} {body}: {}", r.json());
+        r.error_code(&path);
+    }
+    // In a path or a query, a string that cannot be a slug or branch.
+    for path in [
+        "/v1/pipelines/a%00b",
+        "/v1/pipelines/a%00b/builds",
+        "/v1/builds?pipeline=a%00b",
+        "/v1/builds?branch=a%00b",
+    ] {
+        let method = if path.ends_with("/builds") {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        let r = send(&api, method, path, build_body(json!([job(json!({}))]))).await;
+        assert!(
+            r.status == 404 || r.status == 422,
+            "{path}: {} {}",
+            r.status,
+            r.json()
+        );
+        r.error_code(path);
+    }
+    let r = send(
+        &api,
+        Method::PUT,
+        "/v1/pipelines/a%00b/github",
+        json!({"token": "t"}),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.json());
+    // Agents: name and queues.
+    for body in [json!({"name": nul}), json!({"name": "ci", "queues": [nul]})] {
+        let r = send(&reg, Method::POST, "/v1/agents/register", body.clone()).await;
+        assert_eq!(r.status, 422, "{body}: {}", r.json());
+    }
+    // The operator's reason.
+    let r = send(
+        &app.admin,
+        Method::PUT,
+        "/v1/ops/notification-types/webhook",
+        json!({"mode": "enabled", "reason": nul}),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.json());
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notification_rates_outside_their_range_are_422() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api", &[]).await;
+    let path = "/v1/ops/notification-types/github_commit_status";
+    let bad: &[&str] = &[
+        r#""rate_per_s": 1e308"#,
+        r#""rate_per_s": -1"#,
+        r#""rate_per_s": 0"#,
+        r#""rate_per_s": 1e-300"#,
+        r#""rate_per_s": 1e400"#,
+        r#""rate_per_s": "10""#,
+        r#""burst": 0"#,
+        r#""burst": -5"#,
+        r#""burst": 2147483648"#,
+        r#""burst": 99999999999999999999999"#,
+        r#""burst": 1.5"#,
+        r#""burst": 1000001"#,
+    ];
+    for field in bad {
+        let body = format!(r#"{{"mode": "enabled", "reason": "test", {field}}}"#);
+        let r = raw(
+            app.admin.base(),
+            Method::PUT,
+            path,
+            app.admin.token(),
+            Some("application/json"),
+            Some(body.into_bytes()),
+        )
+        .await;
+        assert!(
+            r.status == 422 || r.status == 400,
+            "{field}: {} {}",
+            r.status,
+            r.json()
+        );
+        r.error_code(field);
+    }
+    for (rate, burst) in [(0.001, 1), (1_000_000.0, 1_000_000), (20.5, 40)] {
+        let r = send(
+            &app.admin,
+            Method::PUT,
+            path,
+            json!({"mode": "enabled", "rate_per_s": rate, "burst": burst, "reason": "test"}),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{rate} {burst}: {}", r.json());
+        assert_eq!(r.json()["burst"], burst);
+    }
+    app.stop().await;
+    env.cleanup().await;
+}
+
+/// Method, path, content type, body, expected status.
+type ErrorCase = (
+    Method,
+    &'static str,
+    Option<&'static str>,
+    Option<Vec<u8>>,
+    u16,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_has_the_json_body() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api", &[]).await;
+    let (api, _reg) = org(&app, "acme").await;
+    let base = api.base().to_owned();
+    let tok = api.token().map(str::to_owned);
+    let tok = tok.as_deref();
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let cases: Vec<ErrorCase> = vec![
+        (Method::GET, "/v1/builds/%ff%fe", None, None, 400),
+        (Method::GET, "/v1/pipelines/%ff", None, None, 400),
+        (Method::GET, "/v1/builds?limit=%ff", None, None, 422),
+        (Method::GET, "/v1/builds?limit=abc", None, None, 422),
+        (Method::GET, "/v1/builds?limit=100000", None, None, 422),
+        (Method::GET, "/v1/builds?limit=-1", None, None, 422),
+        (Method::GET, "/v1/builds?cursor=%%%garbage", None, None, 400),
+        (Method::GET, "/v1/builds?cursor=AAAA", None, None, 400),
+        (Method::GET, "/v1/builds?state=nope", None, None, 422),
+        (Method::GET, "/v1/nope", None, None, 404),
+        (Method::GET, "/", None, None, 404),
+        (Method::DELETE, "/v1/builds", None, None, 405),
+        (Method::PATCH, "/v1/orgs", None, None, 405),
+        (
+            Method::POST,
+            "/v1/pipelines",
+            Some("application/json"),
+            Some(b"{not json".to_vec()),
+            400,
+        ),
+        (
+            Method::POST,
+            "/v1/pipelines",
+            Some("application/json"),
+            Some(vec![0xff, 0xfe, 0x00]),
+            400,
+        ),
+        (
+            Method::POST,
+            "/v1/pipelines",
+            Some("application/json"),
+            Some(deep.into_bytes()),
+            422,
+        ),
+        (
+            Method::POST,
+            "/v1/pipelines",
+            Some("text/plain"),
+            Some(b"slug=web".to_vec()),
+            400,
+        ),
+        (
+            Method::POST,
+            "/v1/pipelines",
+            Some("application/json"),
+            Some(br#"{"slug": 5, "repository": "a/b"}"#.to_vec()),
+            422,
+        ),
+        (
+            Method::POST,
+            "/v1/pipelines",
+            Some("application/json"),
+            Some(br#"{"slug": "x", "repository": "a/b", "extra": 1}"#.to_vec()),
+            422,
+        ),
+        (
+            Method::POST,
+            "/v1/pipelines/web/builds",
+            Some("application/json"),
+            Some(
+                serde_json::to_vec(
+                    &json!({"commit": SHA, "jobs": [{"key": "a", "priority": 1e300}]}),
+                )
+                .expect("json"),
+            ),
+            422,
+        ),
+        (
+            Method::POST,
+            "/v1/pipelines/web/builds",
+            Some("application/json"),
+            Some(
+                br#"{"commit": "0123", "jobs": [{"key": "a", "priority": 99999999999}]}"#.to_vec(),
+            ),
+            422,
+        ),
+    ];
+    for (method, path, ct, body, want) in cases {
+        let r = raw(&base, method.clone(), path, tok, ct, body).await;
+        assert_eq!(
+            r.status,
+            want,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.error_code(path);
+    }
+    // Above the body limit: 413, with the body.
+    let big = vec![b' '; herald_api::MAX_BODY_BYTES + 1024];
+    let r = raw(
+        &base,
+        Method::POST,
+        "/v1/pipelines",
+        tok,
+        Some("application/json"),
+        Some(big),
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.error_code("too large"), "payload_too_large");
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_500_job_build_with_long_commands_fits() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api", &[]).await;
+    let (api, _reg) = org(&app, "acme").await;
+    let command = "x".repeat(8 * 1024);
+    let env_vars: serde_json::Map<String, Value> = (0..8)
+        .map(|i| (format!("VAR_{i}"), json!("v".repeat(512))))
+        .collect();
+    let jobs: Vec<Value> = (0..500)
+        .map(|i| {
+            json!({"key": format!("job-{i}"), "command": command, "env": env_vars,
+                   "label": "l".repeat(255)})
+        })
+        .collect();
+    let body = build_body(json!(jobs));
+    let size = serde_json::to_vec(&body).expect("json").len();
+    assert!(
+        size > 1024 * 1024,
+        "the body must exceed the old 1 MiB limit"
+    );
+    let r = send(&api, Method::POST, "/v1/pipelines/web/builds", body).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["jobs"].as_array().map(Vec::len), Some(500));
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_token_is_401_and_a_valid_one_without_rights_is_403() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api", &[]).await;
+    let (api, reg) = org(&app, "acme").await;
+    let (agent, _) = agent(&app, &reg, "ci-1").await;
+    let base = app.client.base().to_owned();
+    let endpoints = [
+        (Method::GET, "/v1/ops/queues"),
+        (Method::GET, "/v1/ops/notification-types"),
+        (Method::POST, "/v1/orgs"),
+        (Method::POST, "/v1/ops/dead-letters/replay"),
+    ];
+    let body = || Some(br#"{"slug": "other"}"#.to_vec());
+    for (method, path) in endpoints {
+        for bad in [
+            "hrd_api_garbage",
+            "hrd_reg_garbage",
+            "hrd_agt_garbage",
+            "nonsense",
+        ] {
+            let r = raw(&base, method.clone(), path, Some(bad), None, body()).await;
+            assert_eq!(r.status, 401, "{bad} on {path}");
+            assert_eq!(r.error_code(path), "unauthorized");
+        }
+        for valid in [&api, &reg, &agent] {
+            let r = raw(&base, method.clone(), path, valid.token(), None, body()).await;
+            assert_eq!(r.status, 403, "valid token on {path}");
+            assert_eq!(r.error_code(path), "forbidden");
+        }
+    }
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_without_the_api_role_serves_health_readiness_and_metrics() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("relay,notify", &[]).await;
+    let base = app.client.base().to_owned();
+    assert!(base.starts_with("http://127.0.0.1:"), "it listens: {base}");
+    let r = raw(&base, Method::GET, "/healthz", None, None, None).await;
+    assert_eq!(r.status, 200);
+    let ready = eventually(T, "readyz to be 200", || async {
+        let r = raw(&base, Method::GET, "/readyz", None, None, None).await;
+        (r.status == 200).then(|| r.json())
+    })
+    .await;
+    assert_eq!(ready["ready"], true);
+    for name in ["database:primary", "broker", "role:relay", "role:notify"] {
+        assert_eq!(ready["checks"][name], "ok", "{name} in {ready}");
+    }
+    assert!(ready["checks"].get("role:api").is_none(), "{ready}");
+    assert!(ready["checks"].get("database:replica").is_none(), "{ready}");
+    let r = raw(&base, Method::GET, "/metrics", None, None, None).await;
+    assert_eq!(r.status, 200);
+    for path in ["/v1/builds", "/v1/orgs", "/openapi.json", "/ops"] {
+        let r = raw(&base, Method::GET, path, Some(&env.admin_token), None, None).await;
+        assert_eq!(r.status, 404, "{path}");
+        assert_eq!(r.error_code(path), "not_found");
+    }
+    app.stop().await;
+
+    // With the api role: the replica is checked too, and the role's loop.
+    let mut app = env.start("api", &[]).await;
+    let base = app.client.base().to_owned();
+    let ready = eventually(T, "readyz to be 200", || async {
+        let r = raw(&base, Method::GET, "/readyz", None, None, None).await;
+        (r.status == 200).then(|| r.json())
+    })
+    .await;
+    for name in ["database:primary", "database:replica", "broker", "role:api"] {
+        assert_eq!(ready["checks"][name], "ok", "{name} in {ready}");
+    }
+    app.stop().await;
+
+    // A broker that does not answer: 503, naming it.
+    let mut app = env
+        .start(
+            "relay",
+            &[("HERALD_AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f")],
+        )
+        .await;
+    let base = app.client.base().to_owned();
+    let r = raw(&base, Method::GET, "/readyz", None, None, None).await;
+    assert_eq!(r.status, 503);
+    let v = r.json();
+    assert_eq!(v["ready"], false);
+    assert_eq!(v["checks"]["database:primary"], "ok", "{v}");
+    assert_ne!(v["checks"]["broker"], "ok", "{v}");
+    app.stop().await;
+    env.cleanup().await;
+}
+
+/// Ends this test database's API connections, as a primary restart does.
+async fn terminate_api_backends(env: &TestEnv) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND application_name = 'herald-api') t",
+    )
+    .bind(&env.db)
+    .fetch_one(&env.pool)
+    .await
+    .expect("terminate backends")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_database_connections_is_503_or_retried_never_500() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api", &[]).await;
+    let (api, _reg) = org(&app, "acme").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let api = api.clone();
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let mut seen: Vec<(u16, bool)> = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let body = build_body(json!([{"key": format!("k{w}-{i}"), "command": "true"}]));
+                let r = send(&api, Method::POST, "/v1/pipelines/web/builds", body).await;
+                seen.push((r.status, r.headers.contains_key("retry-after")));
+                let id = r.json()["id"].as_str().map(str::to_owned);
+                if let Some(id) = id {
+                    let r = raw(
+                        api.base(),
+                        Method::GET,
+                        &format!("/v1/builds/{id}"),
+                        api.token(),
+                        None,
+                        None,
+                    )
+                    .await;
+                    seen.push((r.status, r.headers.contains_key("retry-after")));
+                }
+            }
+            seen
+        }));
+    }
+    let mut terminated = 0;
+    for _ in 0..20 {
+        terminated += terminate_api_backends(&env).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for w in workers {
+        seen.extend(w.await.expect("worker"));
+    }
+    assert!(terminated > 0, "no backend was terminated");
+    let ok = seen.iter().filter(|(s, _)| *s == 200 || *s == 201).count();
+    assert!(ok > 0, "no request succeeded");
+    for (status, retry_after) in &seen {
+        assert!(
+            matches!(status, 200 | 201 | 503),
+            "a lost connection answered {status}"
+        );
+        if *status == 503 {
+            assert!(retry_after, "503 without Retry-After");
+        }
+    }
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_is_retried_once_when_its_connection_was_lost() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api", &[]).await;
+    let (api, _reg) = org(&app, "acme").await;
+    // Warm the pool: every connection it holds is then killed while idle.
+    for i in 0..4 {
+        api.create_build("web", &build_body(json!([{"key": format!("w{i}")}])))
+            .await
+            .expect("warm-up build");
+    }
+    assert!(terminate_api_backends(&env).await > 0);
+    let r = send(
+        &api,
+        Method::POST,
+        "/v1/pipelines/web/builds",
+        build_body(json!([{"key": "after"}])),
+    )
+    .await;
+    // The org token is cached: the first query is the build's, on a dead connection.
+    assert_eq!(r.status, 201, "{}", r.json());
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -217,6 +217,9 @@ pub fn route_paths() -> Vec<&'static str> {
     api_routes().paths
 }
 
+/// The most jobs of a build (the contract's 500).
+pub const MAX_JOBS: usize = herald_domain::MAX_JOBS_PER_BUILD;
+
 /// The paths every process serves, whatever its roles.
 pub const HEALTH_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
 

@@ -608,3 +608,342 @@ async fn a_build_is_retried_once_when_its_connection_was_lost() {
     app.stop().await;
     env.cleanup().await;
 }
+
+/// Every path the server routes, with every method it answers (anything but 405),
+/// is in `/openapi.json`; and every documented operation is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_routed_endpoint_is_in_the_openapi_document() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api", &[]).await;
+    let base = app.client.base().to_owned();
+    let doc = raw(&base, Method::GET, "/openapi.json", None, None, None)
+        .await
+        .json();
+    let fill = |path: &str| {
+        path.split('/')
+            .map(|s| if s.starts_with('{') { "x" } else { s })
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let methods = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ];
+    let mut paths = herald_api::route_paths();
+    paths.extend(herald_api::HEALTH_PATHS);
+    assert!(paths.len() > 20, "the route table is read: {paths:?}");
+    for path in &paths {
+        for m in &methods {
+            let r = raw(&base, m.clone(), &fill(path), None, None, None).await;
+            let routed = r.status != 405;
+            let documented = doc["paths"][path][m.as_str().to_lowercase()].is_object();
+            assert_eq!(
+                routed, documented,
+                "{m} {path}: routed {routed} ({}), documented {documented}",
+                r.status
+            );
+            if routed {
+                assert!(
+                    !(r.status == 404 && r.json()["error"]["message"] == "route not found"),
+                    "{m} {path} hit the fallback"
+                );
+            }
+        }
+    }
+    let documented: Vec<&String> = doc["paths"].as_object().expect("paths").keys().collect();
+    for path in documented {
+        assert!(
+            paths.contains(&path.as_str()),
+            "{path} is documented but not routed"
+        );
+    }
+    app.stop().await;
+    env.cleanup().await;
+}
+
+/// Another org's tokens, agent tokens, no token and malformed tokens, on every
+/// documented endpoint, aimed at org A's resources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenancy_matrix_on_every_endpoint() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api,relay,dispatch,notify", PRIVATE).await;
+    let base = app.client.base().to_owned();
+    // Org A: a pipeline, a build, a job, a webhook, a delivery, an agent.
+    let a = app.admin.create_org("org-a").await.expect("org a");
+    let a_api = app
+        .client
+        .with_token(a["api_token"].as_str().expect("token"));
+    let a_reg = app
+        .client
+        .with_token(a["agent_token"].as_str().expect("token"));
+    a_api
+        .create_pipeline("a-web", "org-a/secret-repo")
+        .await
+        .expect("pipeline a");
+    let a_sha = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let hook = send(
+        &a_api,
+        Method::POST,
+        "/v1/webhooks",
+        json!({"url": "http://127.0.0.1:9/a-hook", "events": ["*"]}),
+    )
+    .await
+    .json();
+    let hook_id = hook["id"].as_str().expect("webhook id").to_owned();
+    let a_secret = hook["secret"].as_str().expect("secret").to_owned();
+    let build = a_api
+        .create_build(
+            "a-web",
+            &json!({"commit": a_sha, "branch": "a-branch", "message": "org a message",
+                    "jobs": [{"key": "a-job", "command": "a-command", "env": {"A_SECRET": "a-env"}}]}),
+        )
+        .await
+        .expect("build a");
+    let build_id = build["id"].as_str().expect("build id").to_owned();
+    let job = job_id(&build, "a-job").to_string();
+    let (a_agent, a_agent_id) = agent(&app, &a_reg, "a-agent").await;
+    let delivery_id = eventually(T, "a delivery of org a", || async {
+        let r = send(
+            &a_api,
+            Method::GET,
+            &format!("/v1/webhooks/{hook_id}/deliveries"),
+            json!({}),
+        )
+        .await;
+        r.json()["items"][0]["id"].as_str().map(str::to_owned)
+    })
+    .await;
+    // Org B, whose tokens try A's resources.
+    let b = app.admin.create_org("org-b").await.expect("org b");
+    let b_api = app
+        .client
+        .with_token(b["api_token"].as_str().expect("token"));
+    let b_reg = app
+        .client
+        .with_token(b["agent_token"].as_str().expect("token"));
+    b_api
+        .create_pipeline("b-web", "org-b/web")
+        .await
+        .expect("pipeline b");
+    let (b_agent, _) = agent(&app, &b_reg, "b-agent").await;
+    // Nothing of A may appear in an answer to B's tokens.
+    let a_bytes: Vec<String> = vec![
+        build_id.clone(),
+        job.clone(),
+        hook_id.clone(),
+        delivery_id.clone(),
+        a_agent_id.to_string(),
+        a_secret.clone(),
+        a_sha.into(),
+        "secret-repo".into(),
+        "a-branch".into(),
+        "org a message".into(),
+        "a-command".into(),
+        "a-env".into(),
+        "a-hook".into(),
+        a["id"].as_str().expect("org id").into(),
+        a["api_token"].as_str().expect("token").into(),
+        a["agent_token"].as_str().expect("token").into(),
+        a_agent.token().expect("token").into(),
+    ];
+    let doc = raw(&base, Method::GET, "/openapi.json", None, None, None)
+        .await
+        .json();
+    let fill = |path: &str| -> String {
+        let id = if path.starts_with("/v1/builds/") {
+            build_id.clone()
+        } else if path.starts_with("/v1/webhooks/") {
+            hook_id.clone()
+        } else if path.starts_with("/v1/deliveries/") {
+            delivery_id.clone()
+        } else if path.starts_with("/v1/jobs/") {
+            job.clone()
+        } else {
+            "00000000-0000-0000-0000-000000000000".into()
+        };
+        path.replace("{id}", &id)
+            .replace("{slug}", "a-web")
+            .replace("{type}", "webhook")
+    };
+    let body_for = |method: &str, path: &str| -> (Value, bool) {
+        let known = match (method, path) {
+            ("post", "/v1/orgs") => json!({"slug": "org-c"}),
+            ("post", "/v1/pipelines") => json!({"slug": "c-web", "repository": "c/web"}),
+            ("post", "/v1/pipelines/{slug}/builds") => build_body(json!([{"key": "k"}])),
+            ("put", "/v1/pipelines/{slug}/github") => json!({"token": "t"}),
+            ("post", "/v1/webhooks") => json!({"url": "http://127.0.0.1:9/b", "events": ["*"]}),
+            ("put", "/v1/ops/notification-types/{type}") => {
+                json!({"mode": "enabled", "reason": "matrix"})
+            }
+            ("post", "/v1/agents/register") => json!({"name": "c-agent"}),
+            ("put", "/v1/jobs/{id}/finish") => json!({"exit_status": 0}),
+            _ => return (json!({}), false),
+        };
+        (known, true)
+    };
+    let tokens: Vec<(&str, Option<String>, Option<&str>)> = vec![
+        ("no token", None, None),
+        ("malformed api token", Some("hrd_api_garbage".into()), None),
+        ("malformed token", Some("garbage".into()), None),
+        (
+            "org b api token",
+            b_api.token().map(str::to_owned),
+            Some("OrgApiToken"),
+        ),
+        (
+            "org b agent registration token",
+            b_reg.token().map(str::to_owned),
+            Some("AgentRegistrationToken"),
+        ),
+        (
+            "org b agent access token",
+            b_agent.token().map(str::to_owned),
+            Some("AgentAccessToken"),
+        ),
+    ];
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("operation") {
+            let schemes: Vec<&str> = op["security"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.as_object())
+                .flat_map(|r| r.keys().map(String::as_str))
+                .collect();
+            if schemes.is_empty() {
+                continue;
+            }
+            // Disconnecting B's agent would end the matrix for its token.
+            if path == "/v1/agent/disconnect" {
+                continue;
+            }
+            let m: Method = method.to_uppercase().parse().expect("method");
+            let url = fill(path);
+            let url = if path == "/v1/agent/ping" {
+                format!("{url}?wait=0")
+            } else {
+                url
+            };
+            let (body, known_body) = body_for(method, path);
+            let addresses_a = path.contains('{');
+            for (who, token, scheme) in &tokens {
+                let r = raw(
+                    &base,
+                    m.clone(),
+                    &url,
+                    token.as_deref(),
+                    Some("application/json"),
+                    Some(serde_json::to_vec(&body).expect("json")),
+                )
+                .await;
+                let what = format!("{who} on {method} {path}: {}", r.status);
+                assert!(r.status < 500, "{what}");
+                let text = String::from_utf8_lossy(&r.body);
+                for secret in &a_bytes {
+                    assert!(
+                        !text.contains(secret.as_str()),
+                        "{what} shows `{secret}`: {text}"
+                    );
+                }
+                let allowed = scheme.is_some_and(|s| schemes.contains(&s));
+                match scheme {
+                    None => assert_eq!(r.status, 401, "{what}"),
+                    Some(_) if schemes.contains(&"AdminToken") => {
+                        assert_eq!(r.status, 403, "{what}")
+                    }
+                    Some(_) if !allowed => assert_eq!(r.status, 401, "{what}"),
+                    Some(_) if addresses_a && !path.starts_with("/v1/ops/") => {
+                        let ok = r.status == 404 || (!known_body && r.status == 422);
+                        assert!(ok, "{what}: another org's resource must be a 404");
+                    }
+                    Some(_) => assert!(r.status < 400, "{what}: its own org's call"),
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 100, "only {checked} calls checked");
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_stored_only_as_hashes() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api", &[]).await;
+    let created = app.admin.create_org("acme").await.expect("org");
+    let api = app
+        .client
+        .with_token(created["api_token"].as_str().expect("token"));
+    let reg = app
+        .client
+        .with_token(created["agent_token"].as_str().expect("token"));
+    api.create_pipeline("web", "acme/web")
+        .await
+        .expect("pipeline");
+    let (agent, _) = agent(&app, &reg, "ci-1").await;
+    // Used once each, so any cache or audit trail has seen them.
+    api.create_build("web", &build_body(json!([{"key": "a"}])))
+        .await
+        .expect("build");
+    let _ = agent.ping(0).await.expect("ping");
+    let _ = send(
+        &app.admin,
+        Method::PUT,
+        "/v1/ops/notification-types/webhook",
+        json!({"mode": "enabled", "reason": "audit"}),
+    )
+    .await;
+    let plaintext = [
+        created["api_token"].as_str().expect("token").to_owned(),
+        created["agent_token"].as_str().expect("token").to_owned(),
+        agent.token().expect("token").to_owned(),
+        env.admin_token.clone(),
+    ];
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables \
+         WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("tables");
+    assert!(tables.len() > 5, "{tables:?}");
+    for table in &tables {
+        let dump: String = sqlx::query_scalar(&format!(
+            "SELECT coalesce(string_agg(t::text, ' '), '') FROM \"{table}\" t"
+        ))
+        .fetch_one(&env.pool)
+        .await
+        .expect("dump");
+        for token in &plaintext {
+            assert!(
+                !dump.contains(token.as_str()),
+                "{table} holds a plaintext token"
+            );
+            // Nor its random part without the `hrd_xxx_` prefix.
+            let secret = if token.starts_with("hrd_") {
+                token.get(8..).unwrap_or(token)
+            } else {
+                token
+            };
+            assert!(
+                !dump.contains(secret),
+                "{table} holds a token's secret part"
+            );
+        }
+    }
+    let hashes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM org_tokens WHERE token_hash = sha256(convert_to($1, 'UTF8'))",
+    )
+    .bind(&plaintext[0])
+    .fetch_one(&env.pool)
+    .await
+    .expect("hash lookup");
+    assert_eq!(hashes, 1, "the api token is stored as its SHA-256");
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -490,9 +490,9 @@ fn readyz() -> Value {
     Op::new("health", "readyz", "Readiness", Auth::None)
         .describe(
             "Served by every process, whatever its roles. 200 when every dependency the \
-             process's roles need answers (`database:primary`; `database:replica` with the \
-             `api` role when a replica is configured; `broker` for every role but \
-             `maintenance`) and each role's loop runs (`role:api`, `role:relay`, \
+             process's roles need answers (`database:primary`; `broker` for every role but \
+             `maintenance`; `database:replica`, with the `api` role when a replica is \
+             configured, is reported but not needed, as reads fall back to the primary) and each role's loop runs (`role:api`, `role:relay`, \
              `role:dispatch`, `role:notify`, `role:maintenance`), else 503. Each check has two \
              seconds.",
         )

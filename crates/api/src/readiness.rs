@@ -70,6 +70,9 @@ impl Liveness {
 #[derive(Clone, Default)]
 pub struct Health {
     pub probes: Vec<(String, Probe)>,
+    /// Reported, but not needed for readiness: the process works without them (reads
+    /// fall back from a replica that is down to the primary).
+    pub optional: Vec<(String, Probe)>,
     pub liveness: Liveness,
     pub metrics: Option<PrometheusHandle>,
 }
@@ -78,23 +81,31 @@ impl Health {
     /// Runs every probe (concurrently, each bounded by [`PROBE_TIMEOUT`]) and reads
     /// every loop: `(ready, checks)` with `"ok"` or the error per name.
     pub async fn check(&self) -> (bool, BTreeMap<String, String>) {
-        let runs = self.probes.iter().map(|(name, probe)| async move {
-            let state = match tokio::time::timeout(PROBE_TIMEOUT, probe()).await {
-                Ok(Ok(())) => "ok".to_owned(),
-                Ok(Err(e)) => e,
-                Err(_) => format!("no answer within {} s", PROBE_TIMEOUT.as_secs()),
-            };
-            (name.clone(), state)
-        });
-        let mut checks: BTreeMap<String, String> =
-            futures::future::join_all(runs).await.into_iter().collect();
+        let (needed, optional) =
+            futures::future::join(run(&self.probes), run(&self.optional)).await;
+        let mut ready = needed.values().all(|v| v == "ok");
+        let mut checks = needed;
+        checks.extend(optional);
         for (name, alive) in self.liveness.states() {
+            ready &= alive;
             let state = if alive { "ok" } else { "stopped" };
             checks.insert(name, state.to_owned());
         }
-        let ready = checks.values().all(|v| v == "ok");
         (ready, checks)
     }
+}
+
+/// Runs `probes` concurrently, each bounded by [`PROBE_TIMEOUT`].
+async fn run(probes: &[(String, Probe)]) -> BTreeMap<String, String> {
+    let runs = probes.iter().map(|(name, probe)| async move {
+        let state = match tokio::time::timeout(PROBE_TIMEOUT, probe()).await {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {} s", PROBE_TIMEOUT.as_secs()),
+        };
+        (name.clone(), state)
+    });
+    futures::future::join_all(runs).await.into_iter().collect()
 }
 
 /// A probe that runs `SELECT 1` on `pool`.
@@ -131,8 +142,16 @@ mod tests {
         let (ready, checks) = health.check().await;
         assert!(!ready);
         assert_eq!(checks["role:relay"], "stopped");
-        health.probes.push(("database:primary".into(), down));
+        health
+            .probes
+            .push(("database:primary".into(), down.clone()));
         let (_, checks) = health.check().await;
         assert_eq!(checks["database:primary"], "connection refused");
+        // An optional dependency is reported, and does not make the process unready.
+        let mut health = Health::default();
+        health.optional.push(("database:replica".into(), down));
+        let (ready, checks) = health.check().await;
+        assert!(ready);
+        assert_eq!(checks["database:replica"], "connection refused");
     }
 }

@@ -357,7 +357,8 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
 }
 
 /// What `/readyz` checks in this process: the primary (every role writes to it), the
-/// replica (the API reads from it, when configured), the broker (every role but
+/// replica (the API reads from it, when configured; reported, but a replica that is down
+/// leaves the process ready, as reads fall back to the primary), the broker (every role but
 /// maintenance uses it), and each role's loops (registered as the roles start).
 fn health(
     cfg: &Config,
@@ -367,12 +368,14 @@ fn health(
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> anyhow::Result<Health> {
     let mut probes: Vec<(String, Probe)> = Vec::new();
+    let mut optional: Vec<(String, Probe)> = Vec::new();
     let primary = pool(cfg, &cfg.database.primary_url, 1, "herald-health", false)?;
     probes.push(("database:primary".into(), database_probe(primary)));
     if roles.contains(&Role::Api) {
         if let Some(url) = &cfg.database.replica_url {
             let replica = pool(cfg, url, 1, "herald-health-replica", true)?;
-            probes.push(("database:replica".into(), database_probe(replica)));
+            // Reported, not required: reads fall back to the primary without it.
+            optional.push(("database:replica".into(), database_probe(replica)));
         }
     }
     let needs_broker = roles
@@ -395,6 +398,7 @@ fn health(
     }
     Ok(Health {
         probes,
+        optional,
         liveness: Liveness::default(),
         metrics: crate::telemetry::metrics(),
     })

@@ -947,3 +947,136 @@ async fn tokens_are_stored_only_as_hashes() {
     app.stop().await;
     env.cleanup().await;
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Sends SIGTERM and waits (at most 30 s) for the process to exit.
+fn terminate(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill -TERM {what}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not exit within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn wait_ready(base: &str) {
+    eventually(T, &format!("{base}/readyz to be 200"), || async {
+        let r = reqwest::get(format!("{base}/readyz")).await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+}
+
+/// Three processes with split roles; SIGTERM to each while a build is in flight and an
+/// agent is parked: each exits within 30 s, cleanly, and after a restart the build
+/// finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_stops_every_role_within_30_s_and_the_build_completes_after_a_restart() {
+    let env = TestEnv::new().await;
+    let groups = ["api", "relay,notify", "dispatch,maintenance"];
+    let listens: Vec<String> = groups
+        .iter()
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let spawn_all = || -> Vec<std::process::Child> {
+        groups
+            .iter()
+            .zip(&listens)
+            .map(|(roles, listen)| env.spawn(roles, &[("HERALD_HTTP__LISTEN", listen.as_str())]))
+            .collect()
+    };
+    let mut children = spawn_all();
+    for listen in &listens {
+        wait_ready(&format!("http://{listen}")).await;
+    }
+    let client = Client::new(format!("http://{}", listens[0]));
+    let admin = client.with_token(&env.admin_token);
+    let created = admin.create_org("acme").await.expect("org");
+    let api = client.with_token(created["api_token"].as_str().expect("token"));
+    let reg = client.with_token(created["agent_token"].as_str().expect("token"));
+    api.create_pipeline("web", "acme/web")
+        .await
+        .expect("pipeline");
+    let a = reg
+        .register_agent("ci-1", &["default"])
+        .await
+        .expect("agent");
+    let agent = client.with_token(a.access_token);
+    let idle = reg.register_agent("ci-2", &["idle"]).await.expect("agent");
+    let idle = client.with_token(idle.access_token);
+    let build = api
+        .create_build(
+            "web",
+            &build_body(json!([
+                {"key": "first", "command": "true"},
+                {"key": "second", "command": "true", "depends_on": ["first"]}
+            ])),
+        )
+        .await
+        .expect("build");
+    let id = build["id"].as_str().expect("id").to_owned();
+    let job = agent.ping(10).await.expect("ping").expect("a job");
+    agent
+        .job_call(job.id, "accept", None)
+        .await
+        .expect("accept");
+    agent.job_call(job.id, "start", None).await.expect("start");
+    // Parked for up to 30 s: the stop must not wait for it.
+    let parked = tokio::spawn(async move { idle.ping(30).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    for (child, roles) in children.iter_mut().zip(groups) {
+        let status = terminate(child, roles);
+        assert!(status.success(), "{roles} exited with {status}");
+    }
+    let parked = parked.await.expect("parked ping");
+    assert!(
+        matches!(parked, Ok(None)),
+        "the parked ping is answered 204 at shutdown: {parked:?}"
+    );
+
+    // Restarted: the running job is still the agent's, and the build goes on.
+    let mut children = spawn_all();
+    for listen in &listens {
+        wait_ready(&format!("http://{listen}")).await;
+    }
+    agent
+        .job_call(job.id, "finish", Some(&json!({"exit_status": 0})))
+        .await
+        .expect("finish after the restart");
+    let next = eventually(T, "the second job", || async {
+        agent.ping(5).await.ok().flatten()
+    })
+    .await;
+    assert_eq!(next.key, "second");
+    for call in ["accept", "start"] {
+        agent.job_call(next.id, call, None).await.expect(call);
+    }
+    agent
+        .job_call(next.id, "finish", Some(&json!({"exit_status": 0})))
+        .await
+        .expect("finish");
+    wait_build_state(&api, &id, "passed", T).await;
+    for (child, roles) in children.iter_mut().zip(groups) {
+        let status = terminate(child, roles);
+        assert!(status.success(), "{roles} exited with {status}");
+    }
+    env.cleanup().await;
+}

@@ -330,7 +330,7 @@ fn parameters() -> Value {
             "required": false,
             "description": "The `next_cursor` of the previous page. A cursor this API did not \
                 return is 400 `invalid_cursor`; an empty one means the first page.",
-            "schema": {"type": "string"},
+            "schema": {"type": "string", "pattern": crate::routes::CURSOR_PATTERN},
         },
         "BuildId": path_param("id", "The build's id. A malformed id is a 404.", true),
         "JobId": path_param("id", "The job's id. A malformed id is a 404.", true),
@@ -1187,9 +1187,9 @@ fn operator_schemas() -> Value {
             "required": ["mode", "reason"],
             "properties": {
                 "mode": schema("NotificationMode"),
-                "rate_per_s": {"type": "number", "minimum": crate::routes::ops::MIN_RATE,
+                "rate_per_s": {"type": "number", "nullable": true, "minimum": crate::routes::ops::MIN_RATE,
                     "maximum": crate::routes::ops::MAX_RATE, "description": "Omitted: unchanged."},
-                "burst": {"type": "integer", "minimum": 1, "maximum": crate::routes::ops::MAX_BURST,
+                "burst": {"type": "integer", "nullable": true, "minimum": 1, "maximum": crate::routes::ops::MAX_BURST,
                     "description": "Omitted: unchanged."},
                 "reason": {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": NO_NUL},
             },
@@ -1211,9 +1211,11 @@ fn operator_schemas() -> Value {
             "type": "object",
             "additionalProperties": false,
             "properties": {
-                "type": schema("NotificationTypeName"),
-                "limit": {"type": "integer", "minimum": 1, "maximum": 100_000, "default": 1000,
-                    "description": "At most this many of each type."},
+                "type": {"type": "string", "nullable": true,
+                    "enum": ["webhook", "github_commit_status", null],
+                    "description": "Omitted or null: every type."},
+                "limit": {"type": "integer", "nullable": true, "minimum": 1, "maximum": 100_000,
+                    "default": 1000, "description": "At most this many of each type."},
             },
         },
         "ReplayResponse": {

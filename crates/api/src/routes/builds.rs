@@ -121,22 +121,27 @@ pub async fn list(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let p = page(&q)?;
+    // An empty filter is no filter; one no build can match (not a slug, a control
+    // character) answers an empty page without asking the database.
+    let pipeline = q.get("pipeline").filter(|v| !v.is_empty());
+    let branch = q.get("branch").filter(|v| !v.is_empty());
+    let impossible = pipeline.is_some_and(|v| Slug::parse("pipeline", v).is_err())
+        || branch.is_some_and(|v| Branch::parse(v).is_err());
     let filter = BuildFilter {
-        pipeline: q
-            .get("pipeline")
-            .map(|p| Slug::parse("pipeline", p).map(Slug::into_inner))
-            .transpose()?,
+        pipeline: pipeline.cloned(),
         state: match q.get("state") {
             None => None,
             Some(s) => Some(s.parse::<BuildState>().map_err(ApiError::invalid)?),
         },
-        branch: q
-            .get("branch")
-            .map(|b| Branch::parse(b).map(Branch::into_inner))
-            .transpose()?,
+        branch: branch.cloned(),
         before: p.before,
         limit: p.limit,
     };
+    if impossible {
+        return Ok(Json(list_response(Vec::<BuildView>::new(), p.limit, |b| {
+            b.id
+        })));
+    }
     let rows = read_or_primary!(state, |conn| builds::list_builds(conn, org, &filter))?;
     Ok(Json(list_response(rows, p.limit, |b| b.id)))
 }

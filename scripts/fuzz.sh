@@ -46,6 +46,7 @@ PID=""
 
 cleanup() {
     if [[ -n "$PID" ]]; then
+        # Only the server this script started, by its pid.
         kill -TERM "$PID" 2>/dev/null || true
         wait "$PID" 2>/dev/null || true
     fi
@@ -86,7 +87,8 @@ run() {
     say "schemathesis as ${who} (max ${MAX_TIME} s)"
     # Every check, every endpoint (the config file enables them all; `--checks` here
     # would override its per-operation exceptions).
-    "$VENV/bin/schemathesis" --config-file "${ROOT}/scripts/schemathesis.toml" \
+    # From the scratch directory: schemathesis keeps a cache where it runs.
+    (cd "$WORK" && "$VENV/bin/schemathesis" --config-file "${ROOT}/scripts/schemathesis.toml" \
         run "${BASE}/openapi.json" \
         --header "Authorization: Bearer ${token}" \
         --max-time "$MAX_TIME" \
@@ -95,7 +97,7 @@ run() {
         --workers 1 \
         --seed "${HERALD_FUZZ_SEED:-1}" \
         --suppress-health-check all \
-        --report junit --report-junit-path "${WORK}/${who}.xml" \
+        --report junit --report-junit-path "${WORK}/${who}.xml") \
         || status=1
 }
 run org "$ORG_TOKEN"
@@ -109,3 +111,4 @@ if ! kill -0 "$PID" 2>/dev/null; then
 fi
 ((status == 0)) || fail "schemathesis found failures (server log: ${LOG})"
 say "no failures"
+rm -rf "$WORK"

@@ -51,6 +51,12 @@ cleanup() {
         wait "$PID" 2>/dev/null || true
     fi
     psql -X -q "$DB_ADMIN_URL" -c "DROP DATABASE IF EXISTS ${DB} WITH (FORCE)" >/dev/null 2>&1 || true
+    # This run's queues on the shared broker (its exchanges hold nothing and stay).
+    if command -v rabbitmqctl >/dev/null 2>&1; then
+        rabbitmqctl -q list_queues name 2>/dev/null | grep "^fuzz_${id}\." | while read -r q; do
+            rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+        done
+    fi
 }
 trap cleanup EXIT
 

@@ -54,7 +54,7 @@ cleanup() {
     # This run's queues on the shared broker (its exchanges hold nothing and stay).
     if command -v rabbitmqctl >/dev/null 2>&1; then
         rabbitmqctl -q list_queues name 2>/dev/null | grep "^fuzz_${id}\." | while read -r q; do
-            rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+            rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true
         done
     fi
 }

@@ -85,6 +85,16 @@ run_pass() {
 }
 
 run_pass "main" -E 'not test(broker_restart)'
+
+# Schemathesis against the real server (org token, then admin token): zero 5xx, zero
+# responses outside the OpenAPI description, zero panics. Before anything restarts
+# the shared services.
+fuzz_rc=0
+step "scripts/fuzz.sh"
+bash scripts/fuzz.sh || fuzz_rc=$?
+if ((fuzz_rc != 0)); then
+    failed_passes+=("fuzz (exit ${fuzz_rc})")
+fi
 # These tests stop and start the shared RabbitMQ, so they run alone, one at a time.
 run_pass "broker_restart" -E 'test(broker_restart)' --test-threads 1 --no-tests=pass
 

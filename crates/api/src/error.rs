@@ -59,18 +59,39 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         metrics::counter!("herald_http_errors_total", "code" => code).increment(1);
-        (
+        let mut res = (
             status,
             axum::Json(json!({"error": {"code": code, "message": message}})),
         )
-            .into_response()
+            .into_response();
+        if matches!(self, ApiError::Unavailable(_)) {
+            res.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_AFTER_S),
+            );
+        }
+        res
     }
 }
+
+/// Seconds a client waits before retrying a 503: a primary restart or failover takes
+/// a few.
+pub const RETRY_AFTER_S: &str = "2";
 
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
         if e.is_unavailable() {
-            return ApiError::Unavailable(format!("database unavailable: {e}"));
+            tracing::warn!(error = %e, "database unavailable");
+            return ApiError::Unavailable("the database is unavailable; retry shortly".into());
+        }
+        // The edge validates input; this catches what it missed, as a 422, not a 500.
+        if e.is_bad_data() {
+            tracing::warn!(error = %e, "the database refused a value");
+            return ApiError::Unprocessable(
+                "invalid_value",
+                "a value in the request cannot be stored (NUL character, or a number out of range)"
+                    .into(),
+            );
         }
         match e {
             StorageError::NotFound(what) => ApiError::NotFound(what),

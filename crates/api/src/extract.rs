@@ -81,24 +81,37 @@ impl FromRequestParts<AppState> for Admin {
             Some(admin) if tokens::constant_time_eq(admin, token) => Ok(Admin {
                 fingerprint: hex_prefix(token),
             }),
-            _ => {
-                let herald_token = [
-                    tokens::API_PREFIX,
-                    tokens::AGENT_REGISTRATION_PREFIX,
-                    tokens::AGENT_ACCESS_PREFIX,
-                ]
-                .iter()
-                .any(|p| token.starts_with(p));
-                if herald_token {
-                    Err(ApiError::Forbidden(
-                        "this endpoint needs the operator token".into(),
-                    ))
-                } else {
-                    Err(ApiError::Unauthorized)
-                }
-            }
+            // 403 only for a token that is valid, for something else; 401 otherwise.
+            _ if is_valid_token(state, token).await? => Err(ApiError::Forbidden(
+                "this endpoint needs the operator token".into(),
+            )),
+            _ => Err(ApiError::Unauthorized),
         }
     }
+}
+
+/// Whether `token` is a live org API, agent registration or agent access token.
+/// Looked up only when it has one of their prefixes.
+async fn is_valid_token(state: &AppState, token: &str) -> Result<bool, ApiError> {
+    if state.cache.org(token).is_some() || state.cache.agent(token).is_some() {
+        return Ok(true);
+    }
+    let kind = if token.starts_with(tokens::API_PREFIX) {
+        Some(TokenKind::Api)
+    } else if token.starts_with(tokens::AGENT_REGISTRATION_PREFIX) {
+        Some(TokenKind::AgentRegistration)
+    } else if token.starts_with(tokens::AGENT_ACCESS_PREFIX) {
+        None
+    } else {
+        return Ok(false);
+    };
+    let mut conn = state.router.primary().acquire().await?;
+    Ok(match kind {
+        Some(kind) => orgs::org_for_token(&mut conn, token, kind).await?.is_some(),
+        None => herald_storage::agents::auth(&mut conn, token)
+            .await?
+            .is_some_and(|a| a.state == herald_domain::AgentState::Connected),
+    })
 }
 
 fn hex_prefix(token: &str) -> String {

@@ -11,18 +11,21 @@ pub mod error;
 pub mod event_types;
 pub mod extract;
 pub mod heartbeat;
+pub mod json_errors;
 pub mod openapi;
 pub mod parked;
+pub mod readiness;
 mod routes;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::{get, post, put, MethodRouter};
 use axum::Router;
 use cache::TokenCache;
 use heartbeat::Heartbeats;
 use herald_storage::{LocalWakes, ReadRouter, Waker};
 use metrics_exporter_prometheus::PrometheusHandle;
 use parked::Parked;
+use readiness::Health;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -31,7 +34,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
 
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The largest request body. A build of 500 jobs at the domain's limits (64 KiB command
+/// and 32 KiB env each, plus keys, labels and dependencies) is about 49 MB of JSON;
+/// 64 MiB leaves room for escaping. Larger bodies get 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
@@ -65,12 +71,16 @@ pub struct AppState {
     pub parked: Arc<Parked>,
     pub heartbeats: Arc<Heartbeats>,
     pub metrics: Option<PrometheusHandle>,
-    pub probes: Arc<Vec<(&'static str, Probe)>>,
+    /// `/readyz`'s probes and loops, and `/metrics`.
+    pub health: Arc<Health>,
     pub broker_queues: Option<BrokerQueues>,
     /// Post-commit wake-ups (see `herald_storage::wake`); set by `spawn_background`.
     pub waker: Arc<OnceLock<Waker>>,
     /// This process's in-memory wake-ups; share one with the other roles.
     pub local: LocalWakes,
+    /// Fires when the process stops (set up by `spawn_background`): parked pings
+    /// answer 204 at once instead of holding the shutdown for up to `wait` seconds.
+    pub stopping: CancellationToken,
 }
 
 impl AppState {
@@ -78,7 +88,7 @@ impl AppState {
         router: ReadRouter,
         settings: ApiSettings,
         metrics: Option<PrometheusHandle>,
-        probes: Vec<(&'static str, Probe)>,
+        health: Health,
     ) -> Self {
         AppState {
             router,
@@ -88,10 +98,11 @@ impl AppState {
             parked: Arc::default(),
             heartbeats: Arc::default(),
             metrics,
-            probes: Arc::new(probes),
+            health: Arc::new(health),
             broker_queues: None,
             waker: Arc::default(),
             local: LocalWakes::default(),
+            stopping: CancellationToken::new(),
         }
     }
 
@@ -117,21 +128,50 @@ impl AppState {
         let heartbeats = self.heartbeats.clone();
         let every = self.settings.heartbeat_flush;
         let min_advance = self.settings.heartbeat_min_advance;
+        let stop_token = cancel.clone();
         let cancel = cancel.clone();
         let (waker, sender) = Waker::spawn(pool.clone(), self.local.clone(), cancel.clone());
         // Only the first call's waker is kept; a second one would only send duplicates.
         let _ = self.waker.set(waker);
         let flusher =
             tokio::spawn(async move { heartbeats.run(pool, every, min_advance, cancel).await });
-        vec![listener, flusher, sender]
+        let stopping = self.stopping.clone();
+        let cancelled = stop_token;
+        let stop = tokio::spawn(async move {
+            cancelled.cancelled().await;
+            stopping.cancel();
+        });
+        vec![listener, flusher, sender, stop]
     }
 }
 
-pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(routes::health::healthz))
-        .route("/readyz", get(routes::health::readyz))
-        .route("/metrics", get(routes::health::metrics))
+/// The routes of the API, recorded as they are added: `route_paths` and the OpenAPI
+/// test read the same table the server routes with, so they cannot drift apart.
+pub struct RouteTable<S> {
+    router: Router<S>,
+    paths: Vec<&'static str>,
+}
+
+impl<S: Clone + Send + Sync + 'static> RouteTable<S> {
+    fn new() -> Self {
+        RouteTable {
+            router: Router::new(),
+            paths: Vec::new(),
+        }
+    }
+
+    /// As `Router::route`, and records `path`.
+    pub fn route(mut self, path: &'static str, methods: MethodRouter<S>) -> Self {
+        if !self.paths.contains(&path) {
+            self.paths.push(path);
+        }
+        self.router = self.router.route(path, methods);
+        self
+    }
+}
+
+fn api_routes() -> RouteTable<AppState> {
+    RouteTable::new()
         .route("/openapi.json", get(routes::health::openapi))
         .route("/v1/orgs", post(routes::orgs::create_org))
         .route("/v1/pipelines", post(routes::orgs::create_pipeline))
@@ -192,11 +232,53 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/accept", put(routes::agents::accept))
         .route("/v1/jobs/{id}/start", put(routes::agents::start))
         .route("/v1/jobs/{id}/finish", put(routes::agents::finish))
+}
+
+/// Every path the API routes (health endpoints aside), as the server routes them.
+pub fn route_paths() -> Vec<&'static str> {
+    api_routes().paths
+}
+
+/// The most jobs of a build (the contract's 500).
+pub const MAX_JOBS: usize = herald_domain::MAX_JOBS_PER_BUILD;
+
+/// The paths every process serves, whatever its roles.
+pub const HEALTH_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
+
+fn health_routes(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .route("/metrics", get(routes::health::metrics))
+        .with_state(health)
+}
+
+/// What every router ends with: the JSON 404 and 405, the body limit, the JSON error
+/// body on anything the framework answers, a caught panic as a JSON 500, and metrics.
+fn finish(router: Router) -> Router {
+    router
         .fallback(routes::health::not_found)
         .method_not_allowed_fallback(routes::health::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .layer(axum::middleware::from_fn(json_errors::rewrite))
         .layer(axum::middleware::from_fn(routes::health::track))
-        .with_state(state)
+}
+
+/// The whole API, with the health endpoints.
+pub fn app(state: AppState) -> Router {
+    let health = state.health.clone();
+    finish(
+        api_routes()
+            .router
+            .with_state(state)
+            .merge(health_routes(health)),
+    )
+}
+
+/// A process without the `api` role: health endpoints only, 404 for everything else.
+pub fn health_only(health: Health) -> Router {
+    finish(health_routes(Arc::new(health)))
 }
 
 /// Serves until `cancel` fires, then stops accepting and lets in-flight requests end.
@@ -205,7 +287,16 @@ pub async fn serve(
     state: AppState,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
+    serve_router(listener, app(state), cancel).await
+}
+
+/// Serves `router` until `cancel` fires, then lets in-flight requests end.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
 }

@@ -8,6 +8,16 @@
 
 use serde_json::{json, Map, Value};
 
+// The limits the domain enforces, from the code that enforces them.
+use herald_domain::input::{
+    MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_ENV_NAME_BYTES, MAX_ENV_VARS, MAX_LABEL_BYTES,
+    MAX_MESSAGE_BYTES,
+};
+/// Free text: anything but NUL, which PostgreSQL refuses.
+const NO_NUL: &str = "^[^\\u0000]*$";
+/// One line of text: no control characters (C0, DEL, C1).
+const ONE_LINE: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
+
 /// The whole document, served at `GET /openapi.json`.
 pub fn document() -> Value {
     json!({
@@ -215,8 +225,9 @@ state change.
 **Conventions.** JSON in and out, UTF-8. IDs are UUID strings; times are RFC 3339 UTC. \
 Every call but `/healthz`, `/readyz`, `/metrics` and `/openapi.json` needs \
 `Authorization: Bearer <token>`; each operation names the token it takes (see the \
-security schemes). Request bodies are limited to 1 MiB (413) and reject unknown fields \
-(422). A body that is not JSON is 400 `invalid_json`; JSON of the wrong shape is 422 \
+security schemes). Request bodies are limited to 64 MiB (413: a build of 500 jobs at the \
+limits of `NewJob` fits) and reject unknown fields (422). Text never contains NUL \
+characters (422). A body that is not JSON is 400 `invalid_json`; JSON of the wrong shape is 422 \
 `invalid_body`; a value out of range is 422 `validation_failed`.
 
 **Errors** have status 400, 401, 403, 404, 409, 413, 422, 429 or 503 and the body \
@@ -224,7 +235,7 @@ security schemes). Request bodies are limited to 1 MiB (413) and reject unknown 
 client sends causes a 500. A resource of another org is a 404, never a 403, and so is a \
 malformed id in a path. An unknown route is 404 `not_found`; a known route with the \
 wrong method is 405 `method_not_allowed`. 503 `unavailable` means the database could \
-not be reached: retry later.
+not be reached (a restart, a failover): retry after the `Retry-After` seconds.
 
 **Lists** take `?limit=` (default 50, 1 to 500) and `?cursor=` and answer \
 `{\"items\": [...], \"next_cursor\": \"opaque\" | null}`: keyset pagination, newest first. \
@@ -319,7 +330,7 @@ fn parameters() -> Value {
             "required": false,
             "description": "The `next_cursor` of the previous page. A cursor this API did not \
                 return is 400 `invalid_cursor`; an empty one means the first page.",
-            "schema": {"type": "string"},
+            "schema": {"type": "string", "pattern": crate::routes::CURSOR_PATTERN},
         },
         "BuildId": path_param("id", "The build's id. A malformed id is a 404.", true),
         "JobId": path_param("id", "The job's id. A malformed id is a 404.", true),
@@ -389,9 +400,15 @@ fn error_responses() -> Value {
             "an org with slug `acme` already exists",
         ),
         "PayloadTooLarge": error_response(
-            "The request body is larger than 1 MiB (`payload_too_large`).",
+            &format!(
+                "The request body is larger than {} MiB (`payload_too_large`).",
+                crate::MAX_BODY_BYTES >> 20
+            ),
             "payload_too_large",
-            "request body is larger than 1048576 bytes",
+            &format!(
+                "request body is larger than {} bytes",
+                crate::MAX_BODY_BYTES
+            ),
         ),
         "UnprocessableEntity": error_response(
             "The request is well-formed JSON but invalid: the wrong shape or an unknown field \
@@ -473,8 +490,12 @@ fn healthz() -> Value {
 fn readyz() -> Value {
     Op::new("health", "readyz", "Readiness", Auth::None)
         .describe(
-            "200 when this process's database and broker connections are up, else 503. Each \
-             check has two seconds.",
+            "Served by every process, whatever its roles. 200 when every dependency the \
+             process's roles need answers (`database:primary`; `broker` for every role but \
+             `maintenance`; `database:replica`, with the `api` role when a replica is \
+             configured, is reported but not needed, as reads fall back to the primary) and each role's loop runs (`role:api`, `role:relay`, \
+             `role:dispatch`, `role:notify`, `role:maintenance`), else 503. Each check has two \
+             seconds.",
         )
         .json(200, "Every dependency answers.", "Readiness")
         .json(
@@ -1278,11 +1299,11 @@ fn common_schemas() -> Value {
                 "ready": {"type": "boolean"},
                 "checks": {
                     "type": "object",
-                    "description": "Each dependency (`database`, `broker`) and whether it answered.",
-                    "additionalProperties": {"type": "string", "enum": ["up", "down"]},
+                    "description": "Each dependency and role of the process: `ok`, or what is wrong.",
+                    "additionalProperties": {"type": "string", "minLength": 1},
                 },
             },
-            "example": {"ready": true, "checks": {"database": "up", "broker": "up"}},
+            "example": {"ready": true, "checks": {"database:primary": "ok", "broker": "ok", "role:api": "ok"}},
         },
     })
 }
@@ -1321,6 +1342,8 @@ fn enum_schemas() -> Value {
         },
         "EventPattern": {
             "type": "string",
+            "minLength": 1,
+            "pattern": "^(\\*|[a-z_]+\\.(\\*|[a-z_]+))$",
             "description": "An event type (`build.finished`), a prefix pattern (`build.*`, \
                 `job.*`, `agent.*`), or `*` for every event.",
             "example": "job.*",
@@ -1381,11 +1404,11 @@ fn operator_schemas() -> Value {
             "required": ["mode", "reason"],
             "properties": {
                 "mode": schema("NotificationMode"),
-                "rate_per_s": {"type": "number", "exclusiveMinimum": true, "minimum": 0,
-                    "maximum": 1_000_000, "description": "Omitted: unchanged."},
-                "burst": {"type": "integer", "minimum": 1, "maximum": 1_000_000,
+                "rate_per_s": {"type": "number", "nullable": true, "minimum": crate::routes::ops::MIN_RATE,
+                    "maximum": crate::routes::ops::MAX_RATE, "description": "Omitted: unchanged."},
+                "burst": {"type": "integer", "nullable": true, "minimum": 1, "maximum": crate::routes::ops::MAX_BURST,
                     "description": "Omitted: unchanged."},
-                "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+                "reason": {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": NO_NUL},
             },
             "example": {"mode": "paused", "reason": "receiver maintenance"},
         },
@@ -1405,9 +1428,11 @@ fn operator_schemas() -> Value {
             "type": "object",
             "additionalProperties": false,
             "properties": {
-                "type": schema("NotificationTypeName"),
-                "limit": {"type": "integer", "minimum": 1, "maximum": 100_000, "default": 1000,
-                    "description": "At most this many of each type."},
+                "type": {"type": "string", "nullable": true,
+                    "enum": ["webhook", "github_commit_status", null],
+                    "description": "Omitted or null: every type."},
+                "limit": {"type": "integer", "nullable": true, "minimum": 1, "maximum": 100_000,
+                    "default": 1000, "description": "At most this many of each type."},
             },
         },
         "ReplayResponse": {
@@ -1455,8 +1480,9 @@ fn build_schemas() -> Value {
             "required": ["token"],
             "properties": {
                 "api_url": {"type": "string", "format": "uri", "default": "https://api.github.com",
+                    "maxLength": 2048, "pattern": "^https?://[^\\s\\u0000-\\u001F\\u007F-\\u009F]+$",
                     "description": "GitHub's (or GitHub Enterprise's) API base URL, http or https."},
-                "token": {"type": "string", "minLength": 1, "maxLength": 1024,
+                "token": {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": ONE_LINE,
                     "description": "A token allowed to create commit statuses. Never shown again."},
                 "job_statuses": {"type": "boolean", "default": false,
                     "description": "Also post one status per job."},
@@ -1507,17 +1533,22 @@ fn new_job_schema() -> Value {
         "properties": {
             "key": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,100}$",
                 "description": "Unique within the build."},
-            "command": {"type": "string", "default": "", "maxLength": 65536,
-                "description": "What the agent runs; at most 64 KiB."},
+            "command": {"type": "string", "default": "", "maxLength": MAX_COMMAND_BYTES,
+                "pattern": NO_NUL, "description": "What the agent runs; at most 64 KiB (bytes)."},
             "queue": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$", "default": "default",
                 "description": "Only agents listening on this queue get the job."},
-            "depends_on": {"type": "array", "items": {"type": "string"}, "default": [],
+            "depends_on": {"type": "array", "default": [], "maxItems": crate::MAX_JOBS,
+                "items": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,100}$"},
                 "description": "Keys of jobs of this build that must pass first."},
             "priority": {"type": "integer", "format": "int32", "default": 0,
+                "minimum": i32::MIN, "maximum": i32::MAX,
                 "description": "Higher runs first; ties go to the longest scheduled."},
-            "label": {"type": "string", "nullable": true, "maxLength": 255},
-            "env": {"type": "object", "additionalProperties": {"type": "string"}, "default": {},
-                "maxProperties": 100, "description": "Environment variables for the command."},
+            "label": {"type": "string", "nullable": true, "maxLength": MAX_LABEL_BYTES, "pattern": NO_NUL},
+            "env": {"type": "object", "default": {}, "maxProperties": MAX_ENV_VARS,
+                "additionalProperties": {"type": "string", "maxLength": MAX_ENV_BYTES, "pattern": NO_NUL},
+                "description": format!("Environment variables for the command. Names are 1-{MAX_ENV_NAME_BYTES} \
+                    bytes without `=` or control characters; names and values total at most \
+                    {MAX_ENV_BYTES} bytes.")},
         },
     })
 }
@@ -1531,8 +1562,9 @@ fn create_build_schema() -> Value {
             "commit": {"type": "string", "pattern": "^[0-9a-fA-F]{40}$",
                 "description": "The full commit SHA; stored lower-case."},
             "branch": {"type": "string", "default": "main", "minLength": 1, "maxLength": 255,
+                "pattern": ONE_LINE,
                 "description": "Without control characters."},
-            "message": {"type": "string", "nullable": true, "maxLength": 10000},
+            "message": {"type": "string", "nullable": true, "maxLength": MAX_MESSAGE_BYTES, "pattern": NO_NUL},
             "jobs": {"type": "array", "minItems": 1, "maxItems": 500, "items": schema("NewJob"),
                 "description": "Unique keys, known dependencies, no cycles."},
         },
@@ -1611,7 +1643,7 @@ fn agent_schemas() -> Value {
             "additionalProperties": false,
             "required": ["name"],
             "properties": {
-                "name": {"type": "string", "minLength": 1, "maxLength": 255,
+                "name": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": ONE_LINE,
                     "description": "Without control characters; surrounding spaces are trimmed."},
                 "queues": {"type": "array", "minItems": 1, "maxItems": 32, "default": ["default"],
                     "items": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
@@ -1685,9 +1717,10 @@ fn webhook_schemas() -> Value {
             "additionalProperties": false,
             "required": ["url", "events"],
             "properties": {
-                "url": {"type": "string", "format": "uri", "description": "http or https."},
+                "url": {"type": "string", "format": "uri", "maxLength": 2048, "pattern": ONE_LINE,
+                    "description": "http or https."},
                 "events": {"type": "array", "minItems": 1, "maxItems": 50, "items": schema("EventPattern")},
-                "pipeline": {"type": "string", "nullable": true,
+                "pipeline": {"type": "string", "nullable": true, "pattern": "^[a-z0-9][a-z0-9-]{0,63}$",
                     "description": "Only events of this pipeline's builds (agent events carry no \
                         pipeline and are not sent). Omitted: every event of the org."},
             },

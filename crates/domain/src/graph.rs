@@ -82,15 +82,7 @@ pub fn validate_jobs(raw: Vec<RawJob>) -> Result<Vec<JobSpec>, GraphError> {
                 }
             }
         }
-        if job.command.len() > 65_536 {
-            return Err(InputError::new("jobs[].command", "must be at most 64 KiB").into());
-        }
-        if job.label.as_ref().is_some_and(|l| l.len() > 255) {
-            return Err(InputError::new("jobs[].label", "must be at most 255 characters").into());
-        }
-        if job.env.len() > 100 {
-            return Err(InputError::new("jobs[].env", "must have at most 100 variables").into());
-        }
+        crate::input::job_text(&job.command, job.label.as_deref(), &job.env)?;
         let queue = QueueName::parse("jobs[].queue", job.queue.as_deref().unwrap_or("default"))?;
         specs.push(JobSpec {
             key: JobKey::parse(&job.key)?,

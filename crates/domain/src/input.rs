@@ -133,6 +133,88 @@ impl Branch {
     }
 }
 
+/// Most bytes a job's `command` may have.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// Most bytes a job's `label` may have.
+pub const MAX_LABEL_BYTES: usize = 255;
+/// Most variables in a job's `env`.
+pub const MAX_ENV_VARS: usize = 100;
+/// Most bytes of an env variable's name.
+pub const MAX_ENV_NAME_BYTES: usize = 255;
+/// Most bytes of a job's whole `env`, names and values together.
+pub const MAX_ENV_BYTES: usize = 32 * 1024;
+/// Most bytes of a build's `message`.
+pub const MAX_MESSAGE_BYTES: usize = 10_000;
+
+/// Free text that PostgreSQL can store: no NUL (which `text` and `jsonb` refuse), at
+/// most `max` bytes. Other control characters (newlines, tabs) are fine here.
+pub fn text(field: &str, s: &str, max: usize) -> Result<(), InputError> {
+    if s.contains('\0') {
+        return Err(InputError::new(field, "must not contain NUL characters"));
+    }
+    if s.len() > max {
+        return Err(InputError::new(
+            field,
+            format!("must be at most {max} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// One line of printable text (names, tokens, URLs): 1 to `max` bytes, no control
+/// characters at all.
+pub fn line(field: &str, s: &str, max: usize) -> Result<(), InputError> {
+    if s.is_empty() || s.len() > max || s.chars().any(char::is_control) {
+        return Err(InputError::new(
+            field,
+            format!("must be 1-{max} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// A job's free-form fields: `command`, `label` and `env`.
+pub fn job_text(
+    command: &str,
+    label: Option<&str>,
+    env: &std::collections::HashMap<String, String>,
+) -> Result<(), InputError> {
+    text("jobs[].command", command, MAX_COMMAND_BYTES)?;
+    if let Some(label) = label {
+        text("jobs[].label", label, MAX_LABEL_BYTES)?;
+    }
+    if env.len() > MAX_ENV_VARS {
+        return Err(InputError::new(
+            "jobs[].env",
+            format!("must have at most {MAX_ENV_VARS} variables"),
+        ));
+    }
+    let mut total = 0;
+    for (name, value) in env {
+        if name.is_empty()
+            || name.len() > MAX_ENV_NAME_BYTES
+            || name.contains('=')
+            || name.chars().any(char::is_control)
+        {
+            return Err(InputError::new(
+                "jobs[].env",
+                format!(
+                    "variable names must be 1-{MAX_ENV_NAME_BYTES} bytes without `=` or control characters"
+                ),
+            ));
+        }
+        text("jobs[].env", value, MAX_ENV_BYTES)?;
+        total += name.len() + value.len();
+    }
+    if total > MAX_ENV_BYTES {
+        return Err(InputError::new(
+            "jobs[].env",
+            format!("names and values must total at most {MAX_ENV_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 fn truncate(s: &str) -> String {
     s.chars().take(40).collect()
 }
@@ -192,5 +274,24 @@ mod tests {
         assert!(parse_repository("acme/web").is_ok());
         assert!(parse_repository("acme").is_err());
         assert!(parse_repository("a/b/c").is_err());
+        assert!(Branch::parse("a\0b").is_err());
+    }
+
+    #[test]
+    fn nul_bytes_are_refused() {
+        assert!(text("message", "a\nb", 10).is_ok());
+        assert!(text("message", "a\0b", 10).is_err());
+        assert!(text("message", "abc", 2).is_err());
+        assert!(line("token", "abc", 10).is_ok());
+        assert!(line("token", "a\0", 10).is_err());
+        assert!(line("token", "", 10).is_err());
+        let env = |k: &str, v: &str| [(k.to_owned(), v.to_owned())].into();
+        assert!(job_text("make", Some("x"), &env("A", "1")).is_ok());
+        assert!(job_text("ma\0ke", None, &env("A", "1")).is_err());
+        assert!(job_text("make", Some("\0"), &env("A", "1")).is_err());
+        assert!(job_text("make", None, &env("A\0", "1")).is_err());
+        assert!(job_text("make", None, &env("A", "\0")).is_err());
+        assert!(job_text("make", None, &env("", "1")).is_err());
+        assert!(job_text("make", None, &env("A", &"x".repeat(MAX_ENV_BYTES))).is_err());
     }
 }

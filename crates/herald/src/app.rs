@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use anyhow::{bail, Context};
+use herald_api::readiness::{database_probe, Health, Liveness};
 use herald_api::{ApiSettings, AppState, Probe};
 use herald_bus::{BusConfig, Publisher};
 use herald_dispatch::maintenance::SweepSettings;
@@ -63,8 +64,12 @@ pub fn all_roles() -> BTreeSet<Role> {
     .into()
 }
 
-/// A running Herald: where the API listens, and how to stop it.
+/// How long a stop waits for the roles' in-flight work.
+pub const STOP_WITHIN: Duration = Duration::from_secs(25);
+
+/// A running Herald: where it listens, and how to stop it.
 pub struct Running {
+    /// Always set: every process listens (see [`start`]).
     pub addr: Option<SocketAddr>,
     pub cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -79,11 +84,11 @@ impl Running {
 
     pub async fn wait(self) {
         let all = futures::future::join_all(self.tasks);
-        if tokio::time::timeout(Duration::from_secs(45), all)
-            .await
-            .is_err()
-        {
-            tracing::warn!("some roles did not stop within 45 s");
+        // Within the 30 s an orchestrator grants between SIGTERM and SIGKILL; what is
+        // not done by then is handed back by the database and broker (leases, unacked
+        // messages), not lost.
+        if tokio::time::timeout(STOP_WITHIN, all).await.is_err() {
+            tracing::warn!("some roles did not stop within {} s", STOP_WITHIN.as_secs());
         }
     }
 }
@@ -114,14 +119,23 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the roles and returns once the API (if any) is listening.
+/// Starts the roles and returns once the process listens on `http.listen` (every
+/// process does: health, readiness and metrics; the API too with the `api` role).
 pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running> {
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
-    let mut addr = None;
     let bus = BusConfig::new(cfg.amqp.url.clone(), cfg.amqp.prefix.clone());
     // One per process: the roles here hear each other's wake-ups in memory.
     let local = herald_storage::LocalWakes::default();
+    let health = health(&cfg, &roles, &bus, &cancel, &mut tasks)?;
+    let liveness = health.liveness.clone();
+    // Every process listens, whatever its roles: health, readiness and metrics.
+    let listen = cfg.listen_addr()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let mut listener = Some(listener);
 
     if roles.contains(&Role::Api) {
         let Some(admin) = cfg.auth.admin_token.clone().filter(|t| !t.is_empty()) else {
@@ -145,12 +159,6 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             None => None,
         };
         let router = ReadRouter::new(primary, replica);
-        let probe_publisher = Arc::new(Publisher::lazy(bus.clone()));
-        let probe_for_close = probe_publisher.clone();
-        let broker: Probe = Arc::new(move || {
-            let p = probe_publisher.clone();
-            Box::pin(async move { p.ensure_connected().await.map_err(|e| e.to_string()) })
-        });
         let queues_publisher = Arc::new(Publisher::lazy(bus.clone()));
         let queues_publisher_for_close = queues_publisher.clone();
         let mut state = AppState::new(
@@ -169,7 +177,7 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
                 ),
             },
             crate::telemetry::metrics(),
-            vec![("broker", broker)],
+            health.clone(),
         );
         let names = bus.names();
         let queue_names = vec![
@@ -192,29 +200,26 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             })
         }));
         state.local = local.clone();
-        tasks.extend(state.spawn_background(&cancel));
-        // Close the broker connections before the runtime goes: left open, their I/O
+        for task in state.spawn_background(&cancel) {
+            tasks.push(liveness.watch("role:api", task));
+        }
+        // Close the broker connection before the runtime goes: left open, its I/O
         // threads log errors at exit.
         let c = cancel.clone();
-        let closing = [probe_for_close, queues_publisher_for_close];
         tasks.push(tokio::spawn(async move {
             c.cancelled().await;
-            for p in closing {
-                p.close().await;
-            }
+            queues_publisher_for_close.close().await;
         }));
-        let listen = cfg.listen_addr()?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
-        addr = Some(listener.local_addr()?);
-        let c = cancel.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = herald_api::serve(listener, state, c).await {
-                tracing::error!(error = %e, "API server failed");
-            }
-        }));
-        tracing::info!(addr = %addr.map(|a| a.to_string()).unwrap_or_default(), "API listening");
+        if let Some(listener) = listener.take() {
+            let c = cancel.clone();
+            let server = tokio::spawn(async move {
+                if let Err(e) = herald_api::serve(listener, state, c).await {
+                    tracing::error!(error = %e, "API server failed");
+                }
+            });
+            tasks.push(liveness.watch("role:api", server));
+            tracing::info!(%addr, "API listening");
+        }
     }
 
     if roles.contains(&Role::Relay) {
@@ -234,10 +239,13 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
             local.clone(),
             cancel.clone(),
         ));
-        tasks.push(tokio::spawn(async move {
-            let _ = relay.await;
-            publisher.close().await;
-        }));
+        tasks.push(liveness.watch(
+            "role:relay",
+            tokio::spawn(async move {
+                let _ = relay.await;
+                publisher.close().await;
+            }),
+        ));
     }
 
     if roles.contains(&Role::Dispatch) {
@@ -251,12 +259,15 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
         let (waker, sender) =
             herald_storage::Waker::spawn(pool.clone(), local.clone(), cancel.clone());
         tasks.push(sender);
-        tasks.push(tokio::spawn(herald_dispatch::dispatcher::run(
-            pool.clone(),
-            waker.clone(),
-            cfg.dispatch.clone(),
-            cancel.clone(),
-        )));
+        tasks.push(liveness.watch(
+            "role:dispatch",
+            tokio::spawn(herald_dispatch::dispatcher::run(
+                pool.clone(),
+                waker.clone(),
+                cfg.dispatch.clone(),
+                cancel.clone(),
+            )),
+        ));
         let spec = herald_dispatch::propagation::spec(
             bus.names().dispatch_queue(),
             cfg.dispatch.propagation_prefetch,
@@ -264,13 +275,17 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
         );
         let c = cancel.clone();
         let b = bus.clone();
-        tasks.push(tokio::spawn(async move {
-            let handler =
-                move |msg| herald_dispatch::propagation::handle(pool.clone(), waker.clone(), msg);
-            if let Err(e) = herald_bus::run_consumer(b, spec, c, handler).await {
-                tracing::error!(error = %e, "propagation consumer failed");
-            }
-        }));
+        tasks.push(liveness.watch(
+            "role:dispatch",
+            tokio::spawn(async move {
+                let handler = move |msg| {
+                    herald_dispatch::propagation::handle(pool.clone(), waker.clone(), msg)
+                };
+                if let Err(e) = herald_bus::run_consumer(b, spec, c, handler).await {
+                    tracing::error!(error = %e, "propagation consumer failed");
+                }
+            }),
+        ));
     }
 
     if roles.contains(&Role::Notify) {
@@ -303,28 +318,94 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
         };
         if role.settings.worker_threads == 0 {
             // On this process's runtime, with everything else.
-            tasks.extend(herald_notify::start(role, cancel.clone()).await?);
+            for task in herald_notify::start(role, cancel.clone()).await? {
+                tasks.push(liveness.watch("role:notify", task));
+            }
         } else {
-            tasks.push(start_notify_runtime(role, cancel.clone()).await?);
+            let task = start_notify_runtime(role, cancel.clone()).await?;
+            tasks.push(liveness.watch("role:notify", task));
         }
     }
 
     if roles.contains(&Role::Maintenance) {
-        tasks.push(tokio::spawn(herald_dispatch::maintenance::run(
-            cfg.database.primary_url.clone(),
-            SweepSettings {
-                maintenance: cfg.maintenance.clone(),
-                dispatch: cfg.dispatch.clone(),
-                lost_after_s: cfg.agents.lost_after_s,
-            },
-            cancel.clone(),
-        )));
+        tasks.push(liveness.watch(
+            "role:maintenance",
+            tokio::spawn(herald_dispatch::maintenance::run(
+                cfg.database.primary_url.clone(),
+                SweepSettings {
+                    maintenance: cfg.maintenance.clone(),
+                    dispatch: cfg.dispatch.clone(),
+                    lost_after_s: cfg.agents.lost_after_s,
+                },
+                cancel.clone(),
+            )),
+        ));
+    }
+
+    if let Some(listener) = listener.take() {
+        // No `api` role: health, readiness and metrics only.
+        let router = herald_api::health_only(health);
+        let c = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = herald_api::serve_router(listener, router, c).await {
+                tracing::error!(error = %e, "health server failed");
+            }
+        }));
+        tracing::info!(%addr, "health endpoints listening");
     }
 
     Ok(Running {
-        addr,
+        addr: Some(addr),
         cancel,
         tasks,
+    })
+}
+
+/// What `/readyz` checks in this process: the primary (every role writes to it), the
+/// replica (the API reads from it, when configured; reported, but a replica that is down
+/// leaves the process ready, as reads fall back to the primary), the broker (every role but
+/// maintenance uses it), and each role's loops (registered as the roles start).
+fn health(
+    cfg: &Config,
+    roles: &BTreeSet<Role>,
+    bus: &BusConfig,
+    cancel: &CancellationToken,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<Health> {
+    let mut probes: Vec<(String, Probe)> = Vec::new();
+    let mut optional: Vec<(String, Probe)> = Vec::new();
+    let primary = pool(cfg, &cfg.database.primary_url, 1, "herald-health", false)?;
+    probes.push(("database:primary".into(), database_probe(primary)));
+    if roles.contains(&Role::Api) {
+        if let Some(url) = &cfg.database.replica_url {
+            let replica = pool(cfg, url, 1, "herald-health-replica", true)?;
+            // Reported, not required: reads fall back to the primary without it.
+            optional.push(("database:replica".into(), database_probe(replica)));
+        }
+    }
+    let needs_broker = roles
+        .iter()
+        .any(|r| matches!(r, Role::Api | Role::Relay | Role::Dispatch | Role::Notify));
+    if needs_broker {
+        let publisher = Arc::new(Publisher::lazy(bus.clone()));
+        let p = publisher.clone();
+        let broker: Probe = Arc::new(move || {
+            let p = p.clone();
+            Box::pin(async move { p.ensure_connected().await.map_err(|e| e.to_string()) })
+        });
+        probes.push(("broker".into(), broker));
+        // Closed before the runtime goes: left open, its I/O threads log errors.
+        let c = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            c.cancelled().await;
+            publisher.close().await;
+        }));
+    }
+    Ok(Health {
+        probes,
+        optional,
+        liveness: Liveness::default(),
+        metrics: crate::telemetry::metrics(),
     })
 }
 

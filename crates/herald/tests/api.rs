@@ -324,7 +324,7 @@ async fn every_error_case_answers_with_a_clear_status() {
         .await
         .expect("send");
     assert_eq!(raw.status().as_u16(), 400);
-    let big = "x".repeat(2 * 1024 * 1024);
+    let big = "x".repeat(herald_api::MAX_BODY_BYTES + 1);
     let raw = reqwest::Client::new()
         .post(format!("{}/v1/pipelines/web/builds", app.client.base()))
         .bearer_auth(api_token(&api))
@@ -635,8 +635,8 @@ async fn readyz_is_503_without_a_broker() {
         .await;
     let (s, body) = call(&app.client, Method::GET, "/readyz", None).await;
     assert_eq!(s, 503, "{body}");
-    assert_eq!(body["checks"]["broker"], "down");
-    assert_eq!(body["checks"]["database"], "up");
+    assert_ne!(body["checks"]["broker"], "ok", "{body}");
+    assert_eq!(body["checks"]["database:primary"], "ok", "{body}");
     app.stop().await;
     env.cleanup().await;
 }

@@ -10,6 +10,7 @@ use herald_domain::{
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
+#[derive(Clone)]
 pub struct NewBuild {
     pub commit: CommitSha,
     pub branch: herald_domain::Branch,

@@ -25,7 +25,7 @@ pub mod views;
 pub mod wake;
 
 pub use error::StorageError;
-pub use pool::{connect_pool, PoolSettings, ReadRouter};
+pub use pool::{connect_pool, live_connection, PoolSettings, ReadRouter};
 pub use wake::{Heard, LocalWakes, Waker};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

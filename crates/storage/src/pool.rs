@@ -43,6 +43,26 @@ pub fn connect_pool(s: &PoolSettings) -> Result<PgPool, sqlx::Error> {
         .connect_lazy_with(opts))
 }
 
+/// A pooled connection that answered a ping. After a connection error the pool's idle
+/// connections may all be dead (a primary restart ends every backend): each one that
+/// fails the ping is closed, so the pool opens a replacement.
+pub async fn live_connection(
+    pool: &PgPool,
+) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+    let mut last = sqlx::Error::PoolClosed;
+    for _ in 0..=pool.size() {
+        let mut conn = pool.acquire().await?;
+        match sqlx::Connection::ping(&mut *conn).await {
+            Ok(()) => return Ok(conn),
+            Err(e) => {
+                let _ = conn.close().await;
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
 /// Decides, per read, whether the replica may serve it.
 ///
 /// Read-your-writes: every write made through this process is counted after commit; the

@@ -134,6 +134,10 @@ pub async fn ping(
             _ = tokio::time::sleep_until(deadline) => {
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
+            // Shutting down: the agent pings the next process.
+            _ = state.stopping.cancelled() => {
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
         }
     }
 }

@@ -5,10 +5,12 @@ use crate::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use herald_domain::{validate_jobs, Branch, BuildState, CommitSha, RawJob};
+use herald_domain::input::MAX_MESSAGE_BYTES;
+use herald_domain::{text, validate_jobs, Branch, BuildState, CommitSha, RawJob, Slug};
 use herald_storage::builds::{self, BuildFilter, NewBuild};
 use herald_storage::channels;
 use herald_storage::views::BuildView;
+use herald_storage::StorageError;
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -35,28 +37,71 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<BuildView>), ApiError> {
     let commit = CommitSha::parse(&body.commit)?;
     let branch = Branch::parse(&body.branch)?;
-    if body.message.as_ref().is_some_and(|m| m.len() > 10_000) {
-        return Err(ApiError::invalid("message: must be at most 10000 bytes"));
+    if let Some(m) = &body.message {
+        text("message", m, MAX_MESSAGE_BYTES)?;
     }
     let jobs = validate_jobs(body.jobs)?;
-    let mut tx = state.router.primary().begin().await?;
-    let build = builds::create_build(
-        &mut tx,
-        org,
-        &slug,
-        NewBuild {
-            commit,
-            branch,
-            message: body.message,
-            jobs,
-        },
-    )
-    .await?;
-    tx.commit().await?;
+    let slug = super::path_slug(&slug)?;
+    let new = NewBuild {
+        commit,
+        branch,
+        message: body.message,
+        jobs,
+    };
+    let build = match create_once(&state, org, &slug, new.clone(), false).await? {
+        Ok(build) => build,
+        // Nothing was committed: once more, on a connection that answers.
+        Err(e) => {
+            tracing::warn!(error = %e, "creating a build failed before commit; retrying once");
+            create_once(&state, org, &slug, new, true).await??
+        }
+    };
     state.wake(&[channels::OUTBOX, channels::DISPATCH]);
     state.router.note_write().await;
     metrics::counter!("herald_builds_created_total").increment(1);
     Ok((StatusCode::CREATED, Json(build)))
+}
+
+/// One attempt at creating a build. `Ok(Err(e))`: a connection error before the
+/// commit, so nothing was written and a retry is safe. A failed commit is not retried:
+/// it may have taken effect.
+async fn create_once(
+    state: &AppState,
+    org: uuid::Uuid,
+    slug: &str,
+    new: NewBuild,
+    fresh: bool,
+) -> Result<Result<BuildView, StorageError>, ApiError> {
+    let acquired = if fresh {
+        herald_storage::live_connection(state.router.primary()).await
+    } else {
+        state.router.primary().acquire().await
+    };
+    let mut conn = match acquired {
+        Ok(c) => c,
+        Err(e) => return retryable(e.into()),
+    };
+    let attempt = async {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let build = builds::create_build(&mut tx, org, slug, new).await?;
+        Ok::<_, StorageError>((build, tx))
+    };
+    let result = attempt.await;
+    match result {
+        Ok((build, tx)) => {
+            tx.commit().await?;
+            Ok(Ok(build))
+        }
+        Err(e) => retryable(e),
+    }
+}
+
+fn retryable<T>(e: StorageError) -> Result<Result<T, StorageError>, ApiError> {
+    if e.is_unavailable() {
+        Ok(Err(e))
+    } else {
+        Err(e.into())
+    }
 }
 
 pub async fn get(
@@ -76,16 +121,27 @@ pub async fn list(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let p = page(&q)?;
+    // An empty filter is no filter; one no build can match (not a slug, a control
+    // character) answers an empty page without asking the database.
+    let pipeline = q.get("pipeline").filter(|v| !v.is_empty());
+    let branch = q.get("branch").filter(|v| !v.is_empty());
+    let impossible = pipeline.is_some_and(|v| Slug::parse("pipeline", v).is_err())
+        || branch.is_some_and(|v| Branch::parse(v).is_err());
     let filter = BuildFilter {
-        pipeline: q.get("pipeline").cloned(),
+        pipeline: pipeline.cloned(),
         state: match q.get("state") {
             None => None,
             Some(s) => Some(s.parse::<BuildState>().map_err(ApiError::invalid)?),
         },
-        branch: q.get("branch").cloned(),
+        branch: branch.cloned(),
         before: p.before,
         limit: p.limit,
     };
+    if impossible {
+        return Ok(Json(list_response(Vec::<BuildView>::new(), p.limit, |b| {
+            b.id
+        })));
+    }
     let rows = read_or_primary!(state, |conn| builds::list_builds(conn, org, &filter))?;
     Ok(Json(list_response(rows, p.limit, |b| b.id)))
 }

@@ -1,35 +1,22 @@
 use crate::error::ApiError;
-use crate::AppState;
+use crate::readiness::Health;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// 200 when the database and every probe (the broker) answer, 503 otherwise.
-pub async fn readyz(State(state): State<AppState>) -> Response {
-    let mut checks = serde_json::Map::new();
-    let mut ready = true;
-    let db = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(state.router.primary()),
-    )
-    .await;
-    let db_ok = matches!(db, Ok(Ok(_)));
-    ready &= db_ok;
-    checks.insert("database".into(), json!(if db_ok { "up" } else { "down" }));
-    for (name, probe) in state.probes.iter() {
-        let result = tokio::time::timeout(Duration::from_secs(2), probe()).await;
-        let ok = matches!(result, Ok(Ok(())));
-        ready &= ok;
-        checks.insert((*name).into(), json!(if ok { "up" } else { "down" }));
-    }
+/// 200 when every dependency of this process's roles answers and every role's loop
+/// runs, 503 otherwise; both name each check, `"ok"` or what is wrong.
+pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
+    let (ready, checks) = health.check().await;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -38,18 +25,20 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(json!({"ready": ready, "checks": checks}))).into_response()
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Response {
-    match &state.metrics {
-        Some(handle) => (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "text/plain; version=0.0.4",
-            )],
-            handle.render(),
-        )
-            .into_response(),
-        None => (StatusCode::OK, String::new()).into_response(),
-    }
+pub async fn metrics(State(health): State<Arc<Health>>) -> Response {
+    let body = health
+        .metrics
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 pub async fn openapi() -> Json<serde_json::Value> {
@@ -61,8 +50,11 @@ pub async fn not_found() -> ApiError {
 }
 
 pub async fn method_not_allowed() -> Response {
-    let body = json!({"error": {"code": "method_not_allowed", "message": "this method is not allowed on this path"}});
-    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+    crate::json_errors::body(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this method is not allowed on this path",
+    )
 }
 
 /// Request count and latency per route.

@@ -40,10 +40,18 @@ pub mod webhook_controls;
 pub mod webhooks;
 
 use crate::error::ApiError;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
 use base64::Engine;
 use std::collections::HashMap;
 use uuid::Uuid;
+
+/// A pipeline slug from a path: one that cannot be a slug names no pipeline (and never
+/// reaches the database, which refuses some bytes).
+pub fn path_slug(raw: &str) -> Result<String, ApiError> {
+    herald_domain::Slug::parse("pipeline", raw)
+        .map(herald_domain::Slug::into_inner)
+        .map_err(|_| ApiError::NotFound("pipeline"))
+}
 
 pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 500;
@@ -82,10 +90,22 @@ pub fn encode_cursor(id: Uuid) -> String {
     URL_SAFE_NO_PAD.encode(id.as_bytes())
 }
 
+/// Any 22 characters of the URL-safe alphabet name a position (the spare bits of the
+/// last one are ignored), so a cursor the document's pattern allows is never refused.
 fn decode_cursor(c: &str) -> Option<Uuid> {
-    let bytes = URL_SAFE_NO_PAD.decode(c).ok()?;
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::URL_SAFE,
+        GeneralPurposeConfig::new()
+            .with_encode_padding(false)
+            .with_decode_allow_trailing_bits(true)
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::RequireNone),
+    );
+    let bytes = LENIENT.decode(c).ok()?;
     Uuid::from_slice(&bytes).ok()
 }
+
+/// The pattern of a cursor, for the OpenAPI document.
+pub const CURSOR_PATTERN: &str = "^$|^[A-Za-z0-9_-]{22}$";
 
 /// `{"items": [...], "next_cursor": ...}` from `limit + 1` rows.
 pub fn list_response<T: serde::Serialize>(

@@ -3,6 +3,7 @@ use crate::extract::{Admin, ApiJson};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::Json;
+use herald_domain::text;
 use herald_storage::notify::{self as store, TYPES};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -16,6 +17,12 @@ pub async fn list_types(
         json!({"items": store::notification_types(&mut conn).await?}),
     ))
 }
+
+/// The documented range of `rate_per_s` (notifications per second).
+pub const MIN_RATE: f64 = 0.001;
+pub const MAX_RATE: f64 = 1_000_000.0;
+/// The documented range of `burst` is 1 to this.
+pub const MAX_BURST: i32 = 1_000_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,25 +51,26 @@ pub async fn put_type(
     }
     if body
         .rate_per_s
-        .is_some_and(|r| !(r.is_finite() && r > 0.0 && r <= 1_000_000.0))
+        .is_some_and(|r| !(MIN_RATE..=MAX_RATE).contains(&r))
     {
-        return Err(ApiError::invalid(
-            "rate_per_s: must be a number above 0 and at most 1000000",
-        ));
+        return Err(ApiError::invalid(format!(
+            "rate_per_s: must be a number from {MIN_RATE} to {MAX_RATE}"
+        )));
     }
     let burst = match body.burst {
         None => None,
-        Some(b) if (1..=1_000_000).contains(&b) => i32::try_from(b).ok(),
+        Some(b) if (1..=i64::from(MAX_BURST)).contains(&b) => i32::try_from(b).ok(),
         Some(_) => {
-            return Err(ApiError::invalid(
-                "burst: must be an integer from 1 to 1000000",
-            ))
+            return Err(ApiError::invalid(format!(
+                "burst: must be an integer from 1 to {MAX_BURST}"
+            )))
         }
     };
     let reason = body.reason.trim();
     if reason.is_empty() || reason.len() > 1000 {
         return Err(ApiError::invalid("reason: say why, in 1-1000 characters"));
     }
+    text("reason", reason, 1000)?;
     let mut tx = state.router.primary().begin().await?;
     let t = store::set_notification_type(
         &mut tx,

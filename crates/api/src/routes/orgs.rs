@@ -53,6 +53,7 @@ pub async fn get_pipeline(
     Org(org): Org,
     Path(slug): Path<String>,
 ) -> Result<Json<herald_storage::views::PipelineView>, ApiError> {
+    let slug = super::path_slug(&slug)?;
     let pipeline = read_or_primary!(state, |conn| orgs::get_pipeline(conn, org, &slug))?;
     Ok(Json(pipeline))
 }

@@ -5,7 +5,7 @@ use crate::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use herald_domain::valid_pattern;
+use herald_domain::{line, valid_pattern, Slug};
 use herald_storage::notify as store;
 use herald_storage::StorageError;
 use serde::Deserialize;
@@ -42,6 +42,15 @@ pub async fn create(
             "events: `{bad}` is not an event type or a `prefix.*` pattern"
         )));
     }
+    line("url", &body.url, 2048)?;
+    let pipeline = match &body.pipeline {
+        Some(p) => Some(
+            Slug::parse("pipeline", p)
+                .map_err(|_| ApiError::invalid("pipeline: no such pipeline"))?
+                .into_inner(),
+        ),
+        None => None,
+    };
     // The SSRF guard: refused here, and again at connect time.
     let url = herald_notify::webhook::check_url(&body.url, state.settings.allow_private_networks)
         .await
@@ -53,7 +62,7 @@ pub async fn create(
         org,
         url.as_str(),
         &body.events,
-        body.pipeline.as_deref(),
+        pipeline.as_deref(),
         &secret,
     )
     .await
@@ -142,10 +151,9 @@ pub async fn put_github(
     Path(slug): Path<String>,
     ApiJson(body): ApiJson<PutGithub>,
 ) -> Result<Json<store::GithubIntegration>, ApiError> {
+    let slug = super::path_slug(&slug)?;
     let url = reqwest_like_parse(&body.api_url)?;
-    if body.token.trim().is_empty() || body.token.len() > 1024 {
-        return Err(ApiError::invalid("token: must be 1-1024 characters"));
-    }
+    line("token", body.token.trim(), 1024)?;
     let mut tx = state.router.primary().begin().await?;
     let g = store::put_github(
         &mut tx,
@@ -163,7 +171,7 @@ pub async fn put_github(
 fn reqwest_like_parse(s: &str) -> Result<String, ApiError> {
     let ok = (s.starts_with("https://") || s.starts_with("http://"))
         && s.len() <= 2048
-        && !s.contains(char::is_whitespace);
+        && !s.contains(|c: char| c.is_whitespace() || c.is_control());
     if ok {
         Ok(s.trim_end_matches('/').to_owned())
     } else {

@@ -10,9 +10,11 @@ pub mod cache;
 pub mod error;
 pub mod extract;
 pub mod heartbeat;
+pub mod idempotency;
 pub mod openapi;
 pub mod parked;
 mod routes;
+pub mod stops;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
@@ -38,6 +40,8 @@ pub struct ApiSettings {
     pub allow_private_networks: bool,
     pub heartbeat_interval_s: u64,
     pub ping_wait_max_s: u64,
+    /// `jobs.default_timeout_s`: `timeout_s` of a job whose spec names none.
+    pub default_job_timeout_s: i32,
     pub heartbeat_flush: Duration,
     /// A heartbeat is written only when it moves the stored one forward by this much:
     /// agents that ping all the time do not rewrite their row at every flush.
@@ -60,6 +64,8 @@ pub struct AppState {
     pub cache: Arc<TokenCache>,
     pub parked: Arc<Parked>,
     pub heartbeats: Arc<Heartbeats>,
+    /// The heartbeat's cancel lists.
+    pub stops: Arc<stops::Stops>,
     pub metrics: Option<PrometheusHandle>,
     pub probes: Arc<Vec<(&'static str, Probe)>>,
     pub broker_queues: Option<BrokerQueues>,
@@ -83,6 +89,7 @@ impl AppState {
             cache: Arc::default(),
             parked: Arc::default(),
             heartbeats: Arc::default(),
+            stops: Arc::default(),
             metrics,
             probes: Arc::new(probes),
             broker_queues: None,
@@ -108,6 +115,7 @@ impl AppState {
             self.local.clone(),
             self.parked.clone(),
             self.cache.clone(),
+            self.stops.clone(),
             cancel.clone(),
         ));
         let heartbeats = self.heartbeats.clone();
@@ -133,6 +141,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/pipelines", post(routes::orgs::create_pipeline))
         .route("/v1/pipelines/{slug}", get(routes::orgs::get_pipeline))
         .route("/v1/pipelines/{slug}/builds", post(routes::builds::create))
+        .route("/v1/jobs/{id}", get(routes::jobs::get))
+        .route("/v1/jobs/{id}/retry", post(routes::jobs::retry))
         .route("/v1/builds", get(routes::builds::list))
         .route("/v1/builds/{id}", get(routes::builds::get))
         .route("/v1/builds/{id}/cancel", post(routes::builds::cancel))
@@ -142,7 +152,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route(
             "/v1/webhooks",
-            post(routes::webhooks::create).get(routes::webhooks::list),
+            post(idempotency::create_webhook).get(routes::webhooks::list),
         )
         .route(
             "/v1/webhooks/{id}",

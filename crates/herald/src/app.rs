@@ -160,6 +160,7 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
                 allow_private_networks: cfg.webhooks.allow_private_networks,
                 heartbeat_interval_s: cfg.agents.heartbeat_interval_s,
                 ping_wait_max_s: cfg.agents.ping_wait_max_s,
+                default_job_timeout_s: cfg.jobs.default_timeout_s,
                 heartbeat_flush: Duration::from_secs_f64(cfg.agents.heartbeat_flush_s),
                 // A tenth of the time to loss, at most 10 s: a lost-agent sweep never
                 // mistakes a live agent for a lost one because of it.
@@ -311,6 +312,7 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
                 maintenance: cfg.maintenance.clone(),
                 dispatch: cfg.dispatch.clone(),
                 lost_after_s: cfg.agents.lost_after_s,
+                jobs: cfg.jobs.clone(),
             },
             cancel.clone(),
         )));

@@ -262,21 +262,33 @@ fn wanted_status(
         .and_then(|s| Uuid::parse_str(s).ok())?;
     let sha = build.get("commit").and_then(Value::as_str)?;
     let number = build.get("number").and_then(Value::as_i64).unwrap_or(0);
-    let (herald_state, subject, job_key) = match kind {
-        EventType::BuildScheduled | EventType::BuildRunning | EventType::BuildFinished => (
-            build.get("state").and_then(Value::as_str)?,
-            format!("Build #{number}"),
-            None,
-        ),
+    // Rounds: a build's `attempt` counts its finishes, so a final state belongs to
+    // round attempt - 1 and a pending one (reopened by a retry) to round attempt; a
+    // job's round is its attempt - 1.
+    let build_finishes = build.get("attempt").and_then(Value::as_i64).unwrap_or(0);
+    let (herald_state, subject, job_key, round) = match kind {
+        EventType::BuildScheduled | EventType::BuildRunning | EventType::BuildFinished => {
+            let state = build.get("state").and_then(Value::as_str)?;
+            let final_state =
+                commit_status::github_state(state).is_some_and(|g| commit_status::rank(g) > 0);
+            let round = if final_state {
+                build_finishes - 1
+            } else {
+                build_finishes
+            };
+            (state, format!("Build #{number}"), None, round.max(0))
+        }
         EventType::JobScheduled | EventType::JobStarted | EventType::JobFinished
             if g.job_statuses =>
         {
             let job = event.pointer("/data/job")?;
             let key = job.get("key").and_then(Value::as_str)?;
+            let attempt = job.get("attempt").and_then(Value::as_i64).unwrap_or(1);
             (
                 job.get("state").and_then(Value::as_str)?,
                 format!("Job {key} of build #{number}"),
                 Some(key),
+                attempt - 1,
             )
         }
         _ => return None,
@@ -291,6 +303,7 @@ fn wanted_status(
         build_id,
         state: state.to_owned(),
         rank: i16::from(commit_status::rank(state)),
+        round: i32::try_from(round).unwrap_or(0),
         description: commit_status::describe(&subject, herald_state),
         target_url: format!(
             "{}/builds/{build_id}",

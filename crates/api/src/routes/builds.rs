@@ -1,13 +1,17 @@
 use super::{list_response, page};
 use crate::error::ApiError;
-use crate::extract::{parse_id, ApiJson, Org};
-use crate::AppState;
+use crate::extract::{parse_id, Org};
+use crate::{idempotency, AppState};
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use herald_domain::{validate_jobs, Branch, BuildState, CommitSha, RawJob};
 use herald_storage::builds::{self, BuildFilter, NewBuild};
 use herald_storage::channels;
+use herald_storage::idempotency::{self as store, Claim};
 use herald_storage::views::BuildView;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -27,12 +31,17 @@ fn default_branch() -> String {
     "main".into()
 }
 
+/// With an `Idempotency-Key`, the key is claimed in the transaction that creates the
+/// build (see `crate::idempotency`).
 pub async fn create(
     State(state): State<AppState>,
     Org(org): Org,
     Path(slug): Path<String>,
-    ApiJson(body): ApiJson<CreateBuild>,
-) -> Result<(StatusCode, Json<BuildView>), ApiError> {
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Result<Response, ApiError> {
+    let key = idempotency::key(&headers)?;
+    let body: CreateBuild = idempotency::parse(&state, raw.clone()).await?;
     let commit = CommitSha::parse(&body.commit)?;
     let branch = Branch::parse(&body.branch)?;
     if body.message.as_ref().is_some_and(|m| m.len() > 10_000) {
@@ -40,6 +49,16 @@ pub async fn create(
     }
     let jobs = validate_jobs(body.jobs)?;
     let mut tx = state.router.primary().begin().await?;
+    if let Some(key) = &key {
+        let hash = idempotency::fingerprint(&format!("POST /v1/pipelines/{slug}/builds"), &raw);
+        match store::claim(&mut tx, org, key, &hash).await? {
+            Claim::New => {}
+            other => {
+                tx.rollback().await?;
+                return idempotency::answer(other);
+            }
+        }
+    }
     let build = builds::create_build(
         &mut tx,
         org,
@@ -49,14 +68,19 @@ pub async fn create(
             branch,
             message: body.message,
             jobs,
+            default_timeout_s: state.settings.default_job_timeout_s,
         },
     )
     .await?;
+    if let Some(key) = &key {
+        let body = serde_json::to_value(&build).map_err(|e| ApiError::Internal(e.to_string()))?;
+        store::store(&mut tx, org, key, StatusCode::CREATED.as_u16(), &body).await?;
+    }
     tx.commit().await?;
     state.wake(&[channels::OUTBOX, channels::DISPATCH]);
     state.router.note_write().await;
     metrics::counter!("herald_builds_created_total").increment(1);
-    Ok((StatusCode::CREATED, Json(build)))
+    Ok((StatusCode::CREATED, Json(build)).into_response())
 }
 
 pub async fn get(

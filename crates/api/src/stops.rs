@@ -17,8 +17,11 @@ use uuid::Uuid;
 /// lost.
 pub const BACKSTOP: Duration = Duration::from_secs(5);
 
+/// Jobs to stop by agent, and when that was read.
+type List = (HashMap<Uuid, Vec<Uuid>>, Option<Instant>);
+
 pub struct Stops {
-    list: Mutex<(HashMap<Uuid, Vec<Uuid>>, Option<Instant>)>,
+    list: Mutex<List>,
     dirty: AtomicBool,
     refresh: tokio::sync::Mutex<()>,
 }

@@ -773,3 +773,57 @@ async fn cancel_finish_timeouts_and_retries_race_without_deadlock() {
     app.stop().await;
     env.cleanup().await;
 }
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn cancel_list_reads(app: &TestApp) -> f64 {
+    let r = reqwest::get(format!("{}/metrics", app.client.base()))
+        .await
+        .expect("metrics");
+    metric(
+        &r.text().await.expect("text"),
+        "herald_cancel_list_reads_total",
+    )
+}
+
+/// The cancel list costs a query per change (or per backstop period), not per
+/// heartbeat: 1,000 heartbeats of 50 idle agents read it a handful of times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_heartbeats_share_one_cancel_list_read() {
+    let env = TestEnv::new().await;
+    let mut app = env.start(ALL, &[]).await;
+    let (api, reg) = org(&app, "acme").await;
+    let mut agents = Vec::new();
+    for n in 0..50 {
+        agents.push(agent(&app, &reg, &format!("ci-{n}")).await.0);
+    }
+    let before = cancel_list_reads(&app).await;
+    for _ in 0..20 {
+        futures::future::join_all(agents.iter().map(heartbeat_cancel)).await;
+    }
+    let idle = cancel_list_reads(&app).await - before;
+    eprintln!("1000 idle heartbeats: {idle} cancel-list reads");
+    assert!(idle <= 10.0, "{idle} reads for 1000 heartbeats");
+    // A cancel marks the list stale: the next heartbeat sees it.
+    let b = create(&api, json!([{"key": "a"}])).await;
+    let id = take_job(&agents[0]).await;
+    call(
+        &api,
+        Method::POST,
+        &format!("/v1/builds/{}/cancel", id_of(&b)),
+        None,
+    )
+    .await;
+    eventually(T, "the cancel", || async {
+        let cancel = heartbeat_cancel(&agents[0]).await;
+        (cancel == vec![id.to_string()]).then_some(())
+    })
+    .await;
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -395,7 +395,15 @@ async fn a_manual_retry_reopens_a_failed_build_and_its_statuses_start_a_new_roun
     tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
-    let (s, g) = call(&api, Method::PUT, "/v1/pipelines/web/github", Some(json!({"api_url": format!("http://{addr}"), "token": "ghp_test", "job_statuses": false}))).await;
+    let (s, g) = call(
+        &api,
+        Method::PUT,
+        "/v1/pipelines/web/github",
+        Some(
+            json!({"api_url": format!("http://{addr}"), "token": "ghp_test", "job_statuses": true}),
+        ),
+    )
+    .await;
     assert_eq!(s, 200, "{g}");
 
     let b = create(
@@ -451,6 +459,19 @@ async fn a_manual_retry_reopens_a_failed_build_and_its_statuses_start_a_new_roun
     // Nothing pending comes after the final success (let the pipeline drain a while).
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(gh.states().last().map(String::as_str), Some("success"));
+    // Job statuses too: `b` was skipped (error) in the first round and passes in the
+    // second; `a` failed, then its retry passed.
+    for context in ["herald/web/a", "herald/web/b"] {
+        eventually(T, &format!("{context} to end in success"), || async {
+            let last = gh
+                .statuses
+                .lock()
+                .ok()
+                .and_then(|s| s.iter().rev().find(|v| v["context"] == context).cloned());
+            last.filter(|v| v["state"] == "success").map(|_| ())
+        })
+        .await;
+    }
     let finished: Vec<i64> = eventually(T, "two build.finished", || async {
         let f: Vec<i64> = tap
             .snapshot()

@@ -248,6 +248,9 @@ async fn fan_out(
     Ok(true)
 }
 
+/// Job attempts within one finish of its build, for ordering rounds.
+const JOB_ROUNDS_PER_FINISH: i64 = 1000;
+
 fn wanted_status(
     n: &Notifier,
     event: &Value,
@@ -263,8 +266,9 @@ fn wanted_status(
     let sha = build.get("commit").and_then(Value::as_str)?;
     let number = build.get("number").and_then(Value::as_i64).unwrap_or(0);
     // Rounds: a build's `attempt` counts its finishes, so a final state belongs to
-    // round attempt - 1 and a pending one (reopened by a retry) to round attempt; a
-    // job's round is its attempt - 1.
+    // round attempt - 1 and a pending one (reopened by a retry) to round attempt. A
+    // job's round follows the build's finishes, then its own attempt: a job skipped in
+    // one finish runs again after a retry reopened the build.
     let build_finishes = build.get("attempt").and_then(Value::as_i64).unwrap_or(0);
     let (herald_state, subject, job_key, round) = match kind {
         EventType::BuildScheduled | EventType::BuildRunning | EventType::BuildFinished => {
@@ -288,7 +292,7 @@ fn wanted_status(
                 job.get("state").and_then(Value::as_str)?,
                 format!("Job {key} of build #{number}"),
                 Some(key),
-                attempt - 1,
+                build_finishes * JOB_ROUNDS_PER_FINISH + attempt - 1,
             )
         }
         _ => return None,

@@ -11,11 +11,13 @@ pub mod error;
 pub mod event_types;
 pub mod extract;
 pub mod heartbeat;
+pub mod idempotency;
 pub mod json_errors;
 pub mod openapi;
 pub mod parked;
 pub mod readiness;
 mod routes;
+pub mod stops;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put, MethodRouter};
@@ -48,6 +50,8 @@ pub struct ApiSettings {
     pub history_retention_s: f64,
     pub heartbeat_interval_s: u64,
     pub ping_wait_max_s: u64,
+    /// `jobs.default_timeout_s`: `timeout_s` of a job whose spec names none.
+    pub default_job_timeout_s: i32,
     pub heartbeat_flush: Duration,
     /// A heartbeat is written only when it moves the stored one forward by this much:
     /// agents that ping all the time do not rewrite their row at every flush.
@@ -70,6 +74,8 @@ pub struct AppState {
     pub cache: Arc<TokenCache>,
     pub parked: Arc<Parked>,
     pub heartbeats: Arc<Heartbeats>,
+    /// The heartbeat's cancel lists.
+    pub stops: Arc<stops::Stops>,
     pub metrics: Option<PrometheusHandle>,
     /// `/readyz`'s probes and loops, and `/metrics`.
     pub health: Arc<Health>,
@@ -97,6 +103,7 @@ impl AppState {
             cache: Arc::default(),
             parked: Arc::default(),
             heartbeats: Arc::default(),
+            stops: Arc::default(),
             metrics,
             health: Arc::new(health),
             broker_queues: None,
@@ -123,6 +130,7 @@ impl AppState {
             self.local.clone(),
             self.parked.clone(),
             self.cache.clone(),
+            self.stops.clone(),
             cancel.clone(),
         ));
         let heartbeats = self.heartbeats.clone();
@@ -177,6 +185,8 @@ fn api_routes() -> RouteTable<AppState> {
         .route("/v1/pipelines", post(routes::orgs::create_pipeline))
         .route("/v1/pipelines/{slug}", get(routes::orgs::get_pipeline))
         .route("/v1/pipelines/{slug}/builds", post(routes::builds::create))
+        .route("/v1/jobs/{id}", get(routes::jobs::get))
+        .route("/v1/jobs/{id}/retry", post(routes::jobs::retry))
         .route("/v1/builds", get(routes::builds::list))
         .route("/v1/builds/{id}", get(routes::builds::get))
         .route("/v1/builds/{id}/cancel", post(routes::builds::cancel))
@@ -186,7 +196,7 @@ fn api_routes() -> RouteTable<AppState> {
         )
         .route(
             "/v1/webhooks",
-            post(routes::webhooks::create).get(routes::webhooks::list),
+            post(idempotency::create_webhook).get(routes::webhooks::list),
         )
         .route(
             "/v1/webhooks/{id}",

@@ -20,7 +20,7 @@ const ONE_LINE: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
 
 /// The whole document, served at `GET /openapi.json`.
 pub fn document() -> Value {
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": info(),
         "servers": [{"url": "/", "description": "The Herald server that served this document"}],
@@ -31,6 +31,137 @@ pub fn document() -> Value {
             "parameters": parameters(),
             "responses": error_responses(),
             "schemas": schemas(),
+        },
+    });
+    job_life_cycle(&mut doc);
+    doc
+}
+
+// ------------------------------------------------------------------ v1.1: job life cycle
+
+/// v1.1 "Jobs": timeouts, retries, the cancel list, `GET /v1/jobs/{id}`, manual
+/// retry and `Idempotency-Key`, laid over the v1 document in one place.
+fn job_life_cycle(doc: &mut Value) {
+    doc["paths"]["/v1/jobs/{id}"] = json!({"get": get_job()});
+    doc["paths"]["/v1/jobs/{id}/retry"] = json!({"post": retry_job()});
+    let key = json!({
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": false,
+        "description": "1 to 255 printable ASCII characters (else 422 \
+            `invalid_idempotency_key`). A repeat with the same key, org and body (byte for \
+            byte, same route) within 24 h returns the first response, status and body, and \
+            creates nothing; the same key with another body or route is 422 \
+            `idempotency_key_reused`. Two requests with one key at the same moment create \
+            one resource. A repeat that arrives while the first is still being processed \
+            waits for it (409 `idempotency_key_in_progress` if it takes too long). Failed \
+            requests are not remembered.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    });
+    for path in ["/v1/pipelines/{slug}/builds", "/v1/webhooks"] {
+        if let Some(params) = doc["paths"][path]["post"]["parameters"].as_array_mut() {
+            params.push(key.clone());
+        } else {
+            doc["paths"][path]["post"]["parameters"] = json!([key.clone()]);
+        }
+    }
+    let schemas = &mut doc["components"]["schemas"];
+    let job_fields = json!({
+        "attempt": {"type": "integer", "minimum": 1, "description": "1 for the first run; a retry counts up."},
+        "retry_of": nullable(uuid("The job this one retries.")),
+        "retried_by": nullable(uuid("The job that retries this one. A retried job keeps its state; the build counts only the newest attempt of each key.")),
+        "timed_out": {"type": "boolean", "description": "It ran longer than `timeout_s` and failed with -2."},
+        "timeout_s": {"type": "integer", "minimum": 1, "maximum": 86400,
+            "description": "Counted from `accepted`."},
+    });
+    for name in ["Job", "AssignedJob"] {
+        if let (Some(props), Some(extra)) = (
+            schemas[name]["properties"].as_object_mut(),
+            job_fields.as_object(),
+        ) {
+            props.extend(extra.clone());
+        }
+    }
+    schemas["Job"]["properties"]["exit_status"]["description"] = json!(
+        "Null until finished. -1: its agent was lost, or its cancel outlived \
+         `jobs.cancel_grace_s`; -2: it timed out."
+    );
+    schemas["AssignedJob"]["properties"]["exit_status"] =
+        json!({"type": "integer", "nullable": true});
+    schemas["NewJob"]["properties"]["timeout_s"] = json!({
+        "type": "integer", "minimum": 1, "maximum": 86400,
+        "description": "Default `jobs.default_timeout_s` (3600). A job `accepted` or `running` \
+            longer, counted from `accepted`, fails with -2 and `timed_out`."});
+    schemas["NewJob"]["properties"]["retry"] = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "properties": {
+            "automatic": {"type": "array", "maxItems": 10, "default": [],
+                "description": "A failure (also -1 lost agent, -2 timeout) matching a rule \
+                    with retries left (`limit` per rule) is retried at once, in the same \
+                    transaction: a new job with the same key, attempt + 1, state \
+                    `scheduled`; its dependents wait for it. The first matching rule with \
+                    retries left is used.",
+                "items": {"type": "object", "additionalProperties": false,
+                    "required": ["exit_status", "limit"],
+                    "properties": {
+                        "exit_status": {"oneOf": [{"type": "integer"}, {"type": "string", "enum": ["*"]}],
+                            "description": "An exit status (-1 lost agent, -2 timeout), or `*` for any failure."},
+                        "limit": {"type": "integer", "minimum": 1, "maximum": 10}}}},
+            "manual": {"type": "boolean", "default": true,
+                "description": "Whether `POST /v1/jobs/{id}/retry` may retry it."},
+        },
+    });
+    schemas["Build"]["properties"]["attempt"] = json!({"type": "integer", "minimum": 0,
+        "description": "How many times the build has finished: a retry reopens a finished \
+            build, and `build.finished` (whose data also carries `attempt`) is sent again. \
+            Build state counts only the newest attempt of each job key; `jobs` lists every \
+            attempt, ordered by position then attempt."});
+    schemas["HeartbeatResponse"]["required"] = json!(["received_at", "cancel"]);
+    schemas["HeartbeatResponse"]["properties"]["cancel"] = json!({
+        "type": "array", "items": uuid("A job to stop."),
+        "description": "Every job of this agent that it must stop: `canceling` (finish it, \
+            any exit status makes it `canceled`), or ended by Herald while the agent still \
+            held it (timed out, canceled after the grace). A job leaves the list once the \
+            agent finishes it; a finish of a job Herald already ended returns 200 with the \
+            job unchanged."});
+}
+
+fn get_job() -> Value {
+    json!({
+        "tags": ["builds"],
+        "operationId": "getJob",
+        "summary": "Get a job",
+        "description": "With the org's API token: any job of the org. With an agent's access \
+            token: a job assigned to that agent (its cancel shows here as `canceling`). 404 \
+            otherwise, and for another org's job.",
+        "security": [{"OrgApiToken": []}, {"AgentAccessToken": []}],
+        "parameters": [param("JobId")],
+        "responses": {
+            "200": {"description": "The job.", "content": json_content(schema("Job"))},
+            "401": error_ref(401), "404": error_ref(404), "503": error_ref(503),
+        },
+    })
+}
+
+fn retry_job() -> Value {
+    json!({
+        "tags": ["builds"],
+        "operationId": "retryJob",
+        "summary": "Retry a job",
+        "description": "A new attempt of a `failed` or `canceled` job whose `retried_by` is \
+            null and whose `retry.manual` is not false (409 otherwise): same key, command, \
+            queue, priority and env, attempt + 1, `retry_of` set; `scheduled` once its \
+            dependencies passed. A finished build becomes `running` again (`build.running`), \
+            its cancel forgotten, and dependents skipped because of this job go back to \
+            `waiting`. Commit statuses start a new round: `pending` after `failure` is then \
+            right, and the newest round's final state is the one GitHub ends with.",
+        "security": [{"OrgApiToken": []}],
+        "parameters": [param("JobId")],
+        "responses": {
+            "201": {"description": "The new job.", "content": json_content(schema("Job"))},
+            "401": error_ref(401), "404": error_ref(404), "409": error_ref(409),
+            "503": error_ref(503),
         },
     })
 }
@@ -1868,6 +1999,8 @@ mod tests {
         ("put", "/v1/jobs/{id}/accept"),
         ("put", "/v1/jobs/{id}/start"),
         ("put", "/v1/jobs/{id}/finish"),
+        ("get", "/v1/jobs/{id}"),
+        ("post", "/v1/jobs/{id}/retry"),
     ];
 
     const METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "head", "options"];

@@ -1,8 +1,10 @@
 //! Parked pings. Each API process listens once on PostgreSQL's `herald_assigned`
 //! channel and wakes the agent's parked ping in memory, whichever process assigned the
-//! job. A parked ping costs no database query while it waits.
+//! job. A parked ping costs no database query while it waits. The same connection
+//! hears `herald_cancel`, which marks the heartbeat cancel lists stale.
 
 use crate::cache::TokenCache;
+use crate::stops::Stops;
 use herald_storage::views::JobView;
 use herald_storage::{channels, wake, Heard, LocalWakes};
 use sqlx::PgPool;
@@ -108,18 +110,21 @@ pub async fn listen(
     local: LocalWakes,
     parked: Arc<Parked>,
     cache: Arc<TokenCache>,
+    stops: Arc<Stops>,
     cancel: CancellationToken,
 ) {
     let mut heard = wake::listen(
         pool.clone(),
         &local,
-        &[channels::ASSIGNED, channels::AGENT_GONE],
+        &[channels::ASSIGNED, channels::AGENT_GONE, channels::CANCEL],
         cancel,
     );
     while let Some(h) = heard.recv().await {
         match h {
+            Heard::Notice { channel, .. } if channel == channels::CANCEL => stops.invalidate(),
             Heard::Notice { channel, payload } => handle(&channel, &payload, &parked, &cache),
             Heard::Resync => {
+                stops.invalidate();
                 if let Err(e) = refresh_agents(&pool, &cache).await {
                     tracing::warn!(error = %e, "cannot re-read cached agents; forgetting them");
                     cache.forget_all_agents();

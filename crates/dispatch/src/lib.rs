@@ -32,3 +32,12 @@ pub struct MaintenanceSettings {
     /// rows; 0 leaves it all to autovacuum.
     pub vacuum_min_dead_rows: i64,
 }
+
+/// `[jobs]`: the life cycle of a job once an agent holds it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct JobsSettings {
+    /// `timeout_s` of a job that names none.
+    pub default_timeout_s: i32,
+    /// A `canceling` job still unfinished this long after the cancel becomes `canceled`.
+    pub cancel_grace_s: f64,
+}

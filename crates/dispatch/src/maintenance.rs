@@ -1,12 +1,12 @@
 //! Single-instance sweeps, elected with a PostgreSQL advisory lock held by a dedicated
-//! session: the lost-agent sweep, the assignment-timeout sweep, outbox expiry and the
-//! vacuum of hot tables. The
+//! session: the lost-agent sweep, the assignment-timeout sweep, job timeouts, the
+//! cancel grace, outbox and idempotency-key expiry and the vacuum of hot tables. The
 //! sweeps run on the leader's own session, so if that session dies the leader stops
 //! acting at once, and another process's blocked `pg_advisory_lock` returns.
 
-use crate::{DispatchSettings, MaintenanceSettings};
+use crate::{DispatchSettings, JobsSettings, MaintenanceSettings};
 use herald_storage::maintenance::{self, keys};
-use herald_storage::{agents, jobs, outbox, StorageError};
+use herald_storage::{agents, idempotency, jobs, lifecycle, outbox, StorageError};
 use sqlx::{Connection, PgConnection};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +16,12 @@ pub struct SweepSettings {
     pub maintenance: MaintenanceSettings,
     pub dispatch: DispatchSettings,
     pub lost_after_s: f64,
+    pub jobs: JobsSettings,
 }
+
+/// Jobs timed out or canceled after the grace, per sweep: small batches, so a sweep
+/// never holds many builds' locks at once.
+const END_BATCH: i64 = 100;
 
 pub async fn run(url: String, settings: SweepSettings, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
@@ -72,6 +77,9 @@ pub async fn sweep(conn: &mut PgConnection, s: &SweepSettings) -> Result<(), Sto
     let mut tx = conn.begin().await?;
     let lost = agents::sweep_lost(&mut tx, s.lost_after_s).await?;
     let expired = jobs::expire_assignments(&mut tx, s.dispatch.accept_timeout_s).await?;
+    let timed_out = lifecycle::sweep_timeouts(&mut tx, END_BATCH).await?;
+    let graced = lifecycle::sweep_cancel_grace(&mut tx, s.jobs.cancel_grace_s, END_BATCH).await?;
+    let keys_expired = idempotency::expire(&mut tx, s.maintenance.expire_batch).await?;
     let deleted = outbox::expire(
         &mut tx,
         s.maintenance.outbox_retention_s,
@@ -81,8 +89,17 @@ pub async fn sweep(conn: &mut PgConnection, s: &SweepSettings) -> Result<(), Sto
     let to_vacuum =
         maintenance::tables_to_vacuum(&mut tx, s.maintenance.vacuum_min_dead_rows).await?;
     tx.commit().await?;
-    if lost + expired > 0 || deleted > 0 {
-        tracing::info!(lost, expired, deleted, "maintenance sweep");
+    if lost + expired + timed_out.ended + graced.ended > 0 || deleted + keys_expired > 0 {
+        tracing::info!(
+            lost,
+            expired,
+            deleted,
+            timed_out = timed_out.ended,
+            cancel_grace = graced.ended,
+            retried = timed_out.retried,
+            keys_expired,
+            "maintenance sweep"
+        );
     }
     for target in &to_vacuum {
         let started = std::time::Instant::now();
@@ -93,5 +110,9 @@ pub async fn sweep(conn: &mut PgConnection, s: &SweepSettings) -> Result<(), Sto
     metrics::counter!("herald_agents_lost_total").increment(lost as u64);
     metrics::counter!("herald_assignments_expired_total").increment(expired as u64);
     metrics::counter!("herald_outbox_expired_total").increment(deleted);
+    metrics::counter!("herald_jobs_timed_out_total").increment(timed_out.ended as u64);
+    metrics::counter!("herald_jobs_cancel_grace_total").increment(graced.ended as u64);
+    metrics::counter!("herald_jobs_retried_total", "by" => "timeout")
+        .increment(timed_out.retried as u64);
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Validation of a build's job graph: unique keys, known dependencies, no cycles.
 
 use crate::input::{InputError, JobKey, QueueName};
+use crate::retry::{parse_timeout, RawRetry, RetryPolicy};
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -23,6 +24,10 @@ pub struct RawJob {
     pub label: Option<String>,
     #[serde(default)]
     pub env: HashMap<String, String>,
+    #[serde(default)]
+    pub timeout_s: Option<i64>,
+    #[serde(default)]
+    pub retry: Option<RawRetry>,
 }
 
 /// A validated job; `depends_on` holds indices into the validated list.
@@ -35,6 +40,9 @@ pub struct JobSpec {
     pub priority: i32,
     pub label: Option<String>,
     pub env: HashMap<String, String>,
+    /// `None`: the configured default.
+    pub timeout_s: Option<i32>,
+    pub retry: RetryPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +92,8 @@ pub fn validate_jobs(raw: Vec<RawJob>) -> Result<Vec<JobSpec>, GraphError> {
         }
         crate::input::job_text(&job.command, job.label.as_deref(), &job.env)?;
         let queue = QueueName::parse("jobs[].queue", job.queue.as_deref().unwrap_or("default"))?;
+        let timeout_s = parse_timeout(job.timeout_s)?;
+        let retry = RetryPolicy::parse(job.retry.unwrap_or_default())?;
         specs.push(JobSpec {
             key: JobKey::parse(&job.key)?,
             command: job.command,
@@ -92,6 +102,8 @@ pub fn validate_jobs(raw: Vec<RawJob>) -> Result<Vec<JobSpec>, GraphError> {
             priority: job.priority,
             label: job.label,
             env: job.env,
+            timeout_s,
+            retry,
         });
     }
     if let Some(at) = find_cycle(&specs) {
@@ -140,6 +152,8 @@ mod tests {
             priority: 0,
             label: None,
             env: HashMap::new(),
+            timeout_s: None,
+            retry: None,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod build;
 pub mod events;
 pub mod graph;
 pub mod input;
+pub mod retry;
 pub mod states;
 
 pub use build::{derive_build_state, plan_propagation, PropagationJob};

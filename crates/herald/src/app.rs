@@ -169,6 +169,7 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
                 history_retention_s: cfg.notify.history_retention_s,
                 heartbeat_interval_s: cfg.agents.heartbeat_interval_s,
                 ping_wait_max_s: cfg.agents.ping_wait_max_s,
+                default_job_timeout_s: cfg.jobs.default_timeout_s,
                 heartbeat_flush: Duration::from_secs_f64(cfg.agents.heartbeat_flush_s),
                 // A tenth of the time to loss, at most 10 s: a lost-agent sweep never
                 // mistakes a live agent for a lost one because of it.
@@ -336,6 +337,7 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
                     maintenance: cfg.maintenance.clone(),
                     dispatch: cfg.dispatch.clone(),
                     lost_after_s: cfg.agents.lost_after_s,
+                    jobs: cfg.jobs.clone(),
                 },
                 cancel.clone(),
             )),

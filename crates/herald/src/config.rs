@@ -3,7 +3,7 @@
 //! fails start-up with a message that names its key.
 
 use anyhow::{anyhow, bail, Context};
-use herald_dispatch::{DispatchSettings, MaintenanceSettings};
+use herald_dispatch::{DispatchSettings, JobsSettings, MaintenanceSettings};
 use herald_relay::RelaySettings;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -20,6 +20,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub dispatch: DispatchSettings,
     pub agents: AgentsConfig,
+    pub jobs: JobsSettings,
     pub relay: RelaySettings,
     pub maintenance: MaintenanceSettings,
     pub webhooks: WebhooksConfig,
@@ -163,12 +164,7 @@ impl Config {
             ("agents.lost_after_s", self.agents.lost_after_s),
             ("agents.heartbeat_flush_s", self.agents.heartbeat_flush_s),
             ("maintenance.interval_s", self.maintenance.interval_s),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                bail!("invalid configuration: {key} must be a positive number");
-            }
-        }
-        for (key, v) in [
+            ("jobs.cancel_grace_s", self.jobs.cancel_grace_s),
             ("webhooks.disable_after_s", self.webhooks.disable_after_s),
             (
                 "notify.history_retention_s",
@@ -178,6 +174,9 @@ impl Config {
             if !(v.is_finite() && v > 0.0) {
                 bail!("invalid configuration: {key} must be a positive number");
             }
+        }
+        if !(1..=86_400).contains(&self.jobs.default_timeout_s) {
+            bail!("invalid configuration: jobs.default_timeout_s must be 1-86400");
         }
         Ok(())
     }
@@ -219,6 +218,8 @@ mod tests {
         assert_eq!(c.webhooks.disable_min_failures, 20);
         assert_eq!(c.dispatch.accept_timeout_s, 30.0);
         assert_eq!(c.agents.lost_after_s, 90.0);
+        assert_eq!(c.jobs.default_timeout_s, 3600);
+        assert_eq!(c.jobs.cancel_grace_s, 60.0);
     }
 
     #[test]

@@ -183,8 +183,9 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
         .fetch_one(&db)
         .await
         .unwrap_or(None);
+        let retried = retried_jobs(&db).await;
         println!(
-            "[{:>4}s] builds/s {:>3} | jobs dispatched {:>6} | dispatch p50 {:>6.1} ms p99 {:>6.1} ms | oldest queue age {:>5.1} s | passed {} failed {}",
+            "[{:>4}s] builds/s {:>3} | jobs dispatched {:>6} | dispatch p50 {:>6.1} ms p99 {:>6.1} ms | oldest queue age {:>5.1} s | passed {} failed {} retried {}",
             started.elapsed().as_secs(),
             builds - last_builds,
             stats.jobs_dispatched.load(Ordering::Relaxed),
@@ -193,6 +194,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
             oldest.unwrap_or(0.0),
             stats.jobs_passed.load(Ordering::Relaxed),
             stats.jobs_failed.load(Ordering::Relaxed),
+            retried,
         );
         last_builds = builds;
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -204,6 +206,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     for w in workers {
         let _ = w.await;
     }
+    let retried = retried_jobs(&db).await;
     running.shutdown().await;
     let elapsed = started.elapsed().as_secs_f64();
     let l = latency
@@ -225,6 +228,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
         stats.jobs_passed.load(Ordering::Relaxed),
         stats.jobs_failed.load(Ordering::Relaxed)
     );
+    println!("jobs retried       {retried} (automatically, by their exit-status rules)");
     println!(
         "dispatch latency   p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (job runnable -> agent's ping returned it)",
         l.total.value_at_quantile(0.5) as f64 / 1000.0,
@@ -236,6 +240,14 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
         stats.errors.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// Jobs that are retries (the demo's test shards retry a failure automatically).
+async fn retried_jobs(db: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE retry_of IS NOT NULL")
+        .fetch_one(db)
+        .await
+        .unwrap_or(0)
 }
 
 fn redact(url: &str) -> String {
@@ -294,11 +306,13 @@ async fn agent_loop(
 }
 
 /// A build graph like a small real one: lint and build, four test shards after build,
-/// deploy after everything.
+/// deploy after everything. A test shard that fails (flaky) is retried automatically,
+/// up to twice.
 pub fn demo_build(n: u64) -> serde_json::Value {
     let sha: String = (0..40)
         .map(|i| char::from(b"0123456789abcdef"[((n * 7 + i * 13) % 16) as usize]))
         .collect();
+    let flaky = json!({"automatic": [{"exit_status": 1, "limit": 2}]});
     json!({
         "commit": sha,
         "branch": "main",
@@ -306,10 +320,10 @@ pub fn demo_build(n: u64) -> serde_json::Value {
         "jobs": [
             {"key": "lint", "command": "make lint"},
             {"key": "build", "command": "make build", "priority": 1},
-            {"key": "test-1", "command": "make test SHARD=1", "depends_on": ["build"]},
-            {"key": "test-2", "command": "make test SHARD=2", "depends_on": ["build"]},
-            {"key": "test-3", "command": "make test SHARD=3", "depends_on": ["build"]},
-            {"key": "test-4", "command": "make test SHARD=4", "depends_on": ["build"]},
+            {"key": "test-1", "command": "make test SHARD=1", "depends_on": ["build"], "retry": flaky},
+            {"key": "test-2", "command": "make test SHARD=2", "depends_on": ["build"], "retry": flaky},
+            {"key": "test-3", "command": "make test SHARD=3", "depends_on": ["build"], "retry": flaky},
+            {"key": "test-4", "command": "make test SHARD=4", "depends_on": ["build"], "retry": flaky},
             {"key": "deploy", "command": "make deploy", "depends_on": ["lint", "test-1", "test-2", "test-3", "test-4"]}
         ]
     })

@@ -839,6 +839,7 @@ async fn one_worker_at_a_time_sends_a_commit_status_and_newer_versions_come_due(
         build_id: build,
         state: state.into(),
         rank,
+        round: 0,
         description: format!("build is {state}"),
         target_url: format!("https://ci.example/{build}"),
     };

@@ -256,6 +256,9 @@ async fn fan_out(
     Ok(true)
 }
 
+/// Job attempts within one finish of its build, for ordering rounds.
+const JOB_ROUNDS_PER_FINISH: i64 = 1000;
+
 fn wanted_status(
     n: &Notifier,
     event: &Value,
@@ -270,21 +273,34 @@ fn wanted_status(
         .and_then(|s| Uuid::parse_str(s).ok())?;
     let sha = build.get("commit").and_then(Value::as_str)?;
     let number = build.get("number").and_then(Value::as_i64).unwrap_or(0);
-    let (herald_state, subject, job_key) = match kind {
-        EventType::BuildScheduled | EventType::BuildRunning | EventType::BuildFinished => (
-            build.get("state").and_then(Value::as_str)?,
-            format!("Build #{number}"),
-            None,
-        ),
+    // Rounds: a build's `attempt` counts its finishes, so a final state belongs to
+    // round attempt - 1 and a pending one (reopened by a retry) to round attempt. A
+    // job's round follows the build's finishes, then its own attempt: a job skipped in
+    // one finish runs again after a retry reopened the build.
+    let build_finishes = build.get("attempt").and_then(Value::as_i64).unwrap_or(0);
+    let (herald_state, subject, job_key, round) = match kind {
+        EventType::BuildScheduled | EventType::BuildRunning | EventType::BuildFinished => {
+            let state = build.get("state").and_then(Value::as_str)?;
+            let final_state =
+                commit_status::github_state(state).is_some_and(|g| commit_status::rank(g) > 0);
+            let round = if final_state {
+                build_finishes - 1
+            } else {
+                build_finishes
+            };
+            (state, format!("Build #{number}"), None, round.max(0))
+        }
         EventType::JobScheduled | EventType::JobStarted | EventType::JobFinished
             if g.job_statuses =>
         {
             let job = event.pointer("/data/job")?;
             let key = job.get("key").and_then(Value::as_str)?;
+            let attempt = job.get("attempt").and_then(Value::as_i64).unwrap_or(1);
             (
                 job.get("state").and_then(Value::as_str)?,
                 format!("Job {key} of build #{number}"),
                 Some(key),
+                build_finishes * JOB_ROUNDS_PER_FINISH + attempt - 1,
             )
         }
         _ => return None,
@@ -299,6 +315,7 @@ fn wanted_status(
         build_id,
         state: state.to_owned(),
         rank: i16::from(commit_status::rank(state)),
+        round: i32::try_from(round).unwrap_or(0),
         description: commit_status::describe(&subject, herald_state),
         target_url: format!(
             "{}/builds/{build_id}",

@@ -16,6 +16,8 @@ pub struct NewBuild {
     pub branch: herald_domain::Branch,
     pub message: Option<String>,
     pub jobs: Vec<JobSpec>,
+    /// `timeout_s` of jobs that name none (`jobs.default_timeout_s`).
+    pub default_timeout_s: i32,
 }
 
 /// Creates a build, its jobs and their edges, and the events, in the caller's
@@ -48,7 +50,7 @@ pub async fn create_build(
          VALUES ($1, $2, $3, $4, 'scheduled', $5, $6, $7) \
          RETURNING b.id, b.org_id, b.number, b.state, b.commit_sha, b.branch, b.message, \
                    $8::text AS pipeline, $9::text AS repository, b.created_at, b.started_at, \
-                   b.finished_at, b.cancel_requested_at IS NOT NULL AS canceled",
+                   b.finished_at, b.cancel_requested_at IS NOT NULL AS canceled, b.finish_count AS attempt",
     )
     .bind(build_id)
     .bind(org_id)
@@ -73,6 +75,9 @@ pub async fn create_build(
     let mut envs = Vec::with_capacity(n);
     let mut deps_json = Vec::with_capacity(n);
     let mut states = Vec::with_capacity(n);
+    let mut timeouts = Vec::with_capacity(n);
+    let mut retry_rules = Vec::with_capacity(n);
+    let mut retry_manual = Vec::with_capacity(n);
     let mut edge_from = Vec::new();
     let mut edge_to = Vec::new();
     for (i, spec) in new.jobs.iter().enumerate() {
@@ -83,6 +88,9 @@ pub async fn create_build(
         priorities.push(spec.priority);
         labels.push(spec.label.clone());
         envs.push(serde_json::to_value(&spec.env).unwrap_or_default());
+        timeouts.push(spec.timeout_s.unwrap_or(new.default_timeout_s));
+        retry_rules.push(spec.retry.rules_json());
+        retry_manual.push(spec.retry.manual);
         let dep_keys: Vec<&str> = spec
             .depends_on
             .iter()
@@ -105,12 +113,13 @@ pub async fn create_build(
     let mut jobs: Vec<JobView> = sqlx::query_as(&format!(
         "WITH ins AS ( \
              INSERT INTO jobs AS j (id, build_id, org_id, position, key, command, queue, priority, label, env, \
-                               depends_on, state, scheduled_at) \
+                               depends_on, state, scheduled_at, timeout_s, retry_rules, retry_manual) \
              SELECT id, $2, $3, pos, key, cmd, q, prio, label, env, deps, st, \
-                    CASE WHEN st = 'scheduled' THEN clock_timestamp() END \
+                    CASE WHEN st = 'scheduled' THEN clock_timestamp() END, tmo, rules, manual \
              FROM unnest($1::uuid[], $4::int[], $5::text[], $6::text[], $7::text[], $8::int[], \
-                         $9::text[], $10::jsonb[], $11::jsonb[], $12::text[]) \
-                  AS t(id, pos, key, cmd, q, prio, label, env, deps, st) \
+                         $9::text[], $10::jsonb[], $11::jsonb[], $12::text[], $15::int[], \
+                         $16::jsonb[], $17::bool[]) \
+                  AS t(id, pos, key, cmd, q, prio, label, env, deps, st, tmo, rules, manual) \
              RETURNING {JOB_COLUMNS}), \
          edges AS ( \
              INSERT INTO job_dependencies (job_id, depends_on_id) \
@@ -131,6 +140,9 @@ pub async fn create_build(
     .bind(&states)
     .bind(&edge_from)
     .bind(&edge_to)
+    .bind(&timeouts)
+    .bind(&retry_rules)
+    .bind(&retry_manual)
     .fetch_all(&mut *conn)
     .await?;
     let order: std::collections::HashMap<Uuid, usize> =
@@ -165,7 +177,7 @@ pub async fn get_build_on(
     .await?
     .ok_or(StorageError::NotFound("build"))?;
     let jobs: Vec<JobView> = sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs j WHERE j.build_id = $1 ORDER BY j.position"
+        "SELECT {JOB_COLUMNS} FROM jobs j WHERE j.build_id = $1 ORDER BY j.position, j.attempt"
     ))
     .bind(build_id)
     .fetch_all(conn)
@@ -260,18 +272,24 @@ pub async fn cancel_build(
     .bind(&canceled)
     .execute(&mut *conn)
     .await?;
+    // The agents learn it from their heartbeats' cancel lists (`herald_cancel`).
     sqlx::query(
-        "UPDATE jobs SET state = 'canceling', updated_at = now() \
+        "UPDATE jobs SET state = 'canceling', canceling_at = now(), updated_at = now() \
          WHERE id = ANY($1) AND state IS DISTINCT FROM 'canceling'",
     )
     .bind(&canceling)
     .execute(&mut *conn)
     .await?;
     events::emit_for_jobs(conn, EventType::JobFinished, &canceled).await?;
-    let states: Vec<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE build_id = $1")
-        .bind(build_id)
-        .fetch_all(&mut *conn)
-        .await?;
+    if !canceling.is_empty() {
+        events::notify(conn, channels::CANCEL, "").await?;
+    }
+    // Only the newest attempt of each key counts.
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM jobs WHERE build_id = $1 AND retried_by IS NULL")
+            .bind(build_id)
+            .fetch_all(&mut *conn)
+            .await?;
     let states = states.iter().filter_map(|s| s.parse::<JobState>().ok());
     let next = derive_build_state(state, true, states);
     propagate::set_build_state(conn, build_id, state, next).await?;

@@ -18,12 +18,18 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
+    /// `build.finished` also carries `attempt`: how many times the build has finished.
     pub fn build(event_type: EventType, build: &BuildView) -> Self {
+        let data = if event_type == EventType::BuildFinished {
+            json!({ "build": build, "attempt": build.attempt })
+        } else {
+            json!({ "build": build })
+        };
         NewEvent {
             event_type,
             org_id: build.org_id,
             build_id: Some(build.id),
-            data: json!({ "build": build }),
+            data,
         }
     }
 

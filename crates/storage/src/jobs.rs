@@ -4,9 +4,11 @@
 use crate::channels;
 use crate::error::StorageError;
 use crate::events::{self, NewEvent};
+use crate::lifecycle;
 use crate::propagate::move_build_quiet;
 use crate::views::{BuildView, JobView, BUILD_COLUMNS_AS_B, JOB_COLUMNS};
 use chrono::{DateTime, SubsecRound, Utc};
+use herald_domain::retry::{retry_rule, RetryPolicy};
 use herald_domain::{BuildState, EventType, JobAction, JobState};
 use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
@@ -42,6 +44,11 @@ pub struct Applied {
     pub wrote_events: bool,
     /// The agent became free: the caller wakes `herald_agent_free` after commit.
     pub freed_agent: bool,
+    /// An automatic retry became runnable: the caller wakes `herald_dispatch`.
+    pub scheduled: bool,
+    /// The agent finished a job Herald had ended, which left its cancel list: the
+    /// caller wakes `herald_cancel`.
+    pub stopped: bool,
 }
 
 /// The state an agent's call moves `job` to; `None` when the call already took effect
@@ -52,7 +59,12 @@ fn decide(job: &JobView, call: AgentCall) -> Result<Option<JobState>, StorageErr
         AgentCall::Accept if job.accepted_at.is_some() => return Ok(None),
         AgentCall::Start if job.started_at.is_some() => return Ok(None),
         AgentCall::Finish { exit_status } if job.finished_at.is_some() => {
-            return if job.exit_status == Some(exit_status) || state == JobState::Canceled {
+            // Herald ended it (timeout, cancel grace, lost agent): the agent's finish
+            // comes late and changes nothing.
+            return if job.exit_status == Some(exit_status)
+                || state == JobState::Canceled
+                || job.herald_ended
+            {
                 Ok(None)
             } else {
                 Err(StorageError::Conflict(format!(
@@ -88,7 +100,8 @@ pub async fn apply_call(
 ) -> Result<Applied, StorageError> {
     for _ in 0..CALL_ATTEMPTS {
         let row = sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS}, {BUILD_COLUMNS_AS_B}, clock_timestamp() AS db_now \
+            "SELECT {JOB_COLUMNS}, {BUILD_COLUMNS_AS_B}, clock_timestamp() AS db_now, \
+                    j.retry_rules AS x_retry_rules, j.retry_counts AS x_retry_counts \
              FROM jobs j JOIN builds b ON b.id = j.build_id JOIN pipelines p ON p.id = b.pipeline_id \
              WHERE j.id = $1 AND j.agent_id = $2"
         ))
@@ -101,12 +114,28 @@ pub async fn apply_call(
         let job = JobView::from_row(&row)?;
         let build = BuildView::from_row_prefixed(&row, "b_")?;
         let Some(next) = decide(&job, call)? else {
+            let stopped = matches!(call, AgentCall::Finish { .. })
+                && job.herald_ended
+                && lifecycle::stopped(conn, agent_id, job_id).await?;
             return Ok(Applied {
                 job,
                 wrote_events: false,
                 freed_agent: false,
+                scheduled: false,
+                stopped,
             });
         };
+        if let AgentCall::Finish { exit_status } = call {
+            let rules: serde_json::Value = row.try_get("x_retry_rules")?;
+            let counts: Vec<i32> = row.try_get("x_retry_counts")?;
+            let rules = RetryPolicy::rules_from_json(&rules);
+            if next == JobState::Failed && retry_rule(&rules, &counts, exit_status).is_some() {
+                match finish_with_retry(conn, &job, exit_status).await? {
+                    Some(applied) => return Ok(applied),
+                    None => continue,
+                }
+            }
+        }
         if matches!(call, AgentCall::Accept) && build.state == BuildState::Scheduled.as_str() {
             match accept_first(conn, agent_id, &job).await? {
                 Some(applied) => return Ok(applied),
@@ -124,7 +153,10 @@ pub async fn apply_call(
         let (set, event) = match call {
             AgentCall::Accept => {
                 after.accepted_at = Some(at);
-                ("accepted_at = $4", None)
+                (
+                    "accepted_at = $4, deadline_at = $4 + make_interval(secs => j.timeout_s)",
+                    None,
+                )
             }
             AgentCall::Start => {
                 after.started_at = Some(at);
@@ -178,6 +210,9 @@ pub async fn apply_call(
                 job: after,
                 wrote_events: event.is_some(),
                 freed_agent: matches!(call, AgentCall::Finish { .. }),
+                scheduled: false,
+                // A canceling job left its agent's cancel list.
+                stopped: job.state == JobState::Canceling.as_str(),
             });
         }
         // Changed in between (a cancel, a sweep): read it again and decide anew.
@@ -203,7 +238,8 @@ async fn accept_first(
             .fetch_one(&mut *tx)
             .await?;
     let job: Option<JobView> = sqlx::query_as(&format!(
-        "UPDATE jobs AS j SET state = 'accepted', accepted_at = now(), updated_at = now() \
+        "UPDATE jobs AS j SET state = 'accepted', accepted_at = now(), updated_at = now(), \
+             deadline_at = now() + make_interval(secs => j.timeout_s) \
          WHERE j.id = $1 AND j.agent_id = $2 AND j.state = $3 RETURNING {JOB_COLUMNS}"
     ))
     .bind(read.id)
@@ -229,6 +265,48 @@ async fn accept_first(
         job,
         wrote_events,
         freed_agent: false,
+        scheduled: false,
+        stopped: false,
+    }))
+}
+
+/// A failure that a retry rule retries: the retry is created in the same transaction,
+/// which locks the build, then the job (the global order). `None` when the job
+/// changed since it was read (nothing written: read again and decide anew).
+async fn finish_with_retry(
+    conn: &mut PgConnection,
+    read: &JobView,
+    exit_status: i32,
+) -> Result<Option<Applied>, StorageError> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query("SELECT 1 FROM builds WHERE id = $1 FOR UPDATE")
+        .bind(read.build_id)
+        .execute(&mut *tx)
+        .await?;
+    let ended = lifecycle::end_jobs(
+        &mut tx,
+        &[lifecycle::End {
+            id: read.id,
+            from: read.state.clone(),
+            to: JobState::Failed,
+            exit_status,
+            timed_out: false,
+            herald_ended: false,
+            stop_pending: false,
+        }],
+    )
+    .await?;
+    let Some(job) = ended.jobs.into_iter().next() else {
+        tx.rollback().await?;
+        return Ok(None);
+    };
+    tx.commit().await?;
+    Ok(Some(Applied {
+        job,
+        wrote_events: true,
+        freed_agent: true,
+        scheduled: !ended.retries.is_empty(),
+        stopped: false,
     }))
 }
 

@@ -13,7 +13,9 @@ pub mod builds;
 pub mod dispatch;
 pub mod error;
 pub mod events;
+pub mod idempotency;
 pub mod jobs;
+pub mod lifecycle;
 pub mod maintenance;
 pub mod notify;
 pub mod orgs;
@@ -44,6 +46,9 @@ pub mod channels {
     pub const AGENT_GONE: &str = "herald_agent_gone";
     /// A transaction committed outbox rows: the relay should publish.
     pub const OUTBOX: &str = "herald_outbox";
+    /// A job of some agent must stop (canceling, or ended by Herald): the API
+    /// processes re-read their heartbeat cancel lists.
+    pub const CANCEL: &str = "herald_cancel";
     /// Payload `"{microseconds}"`: the dispatchers' recent assignment latency, sent a few
     /// times a second while they assign and never when idle. The notification
     /// throttle of every process reads it.

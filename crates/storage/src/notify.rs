@@ -1092,12 +1092,16 @@ pub struct WantedStatus {
     pub build_id: Uuid,
     pub state: String,
     pub rank: i16,
+    /// Which finish of the build (or attempt of the job) this status belongs to: a
+    /// retry starts the next round, where pending after a final state is right.
+    pub round: i32,
     pub description: String,
     pub target_url: String,
 }
 
 /// Records the newest wanted status. A newer build replaces an older one; within one
-/// build a status only moves forward (pending → final). Returns true when it changed.
+/// build a later round replaces an earlier one, and within one round a status only
+/// moves forward (pending → final). Returns true when it changed.
 pub async fn want_status(
     conn: &mut PgConnection,
     w: &WantedStatus,
@@ -1106,18 +1110,21 @@ pub async fn want_status(
 ) -> Result<bool, StorageError> {
     let changed: Option<i64> = sqlx::query_scalar(
         "INSERT INTO commit_statuses AS c (repository, sha, context, org_id, pipeline_id, build_id, state, rank, \
-                                           description, target_url, status, sent_version, next_attempt_at) \
+                                           description, target_url, status, sent_version, next_attempt_at, round) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, CASE WHEN $11 THEN 'skipped' ELSE 'pending' END, \
-                 CASE WHEN $11 THEN 1 ELSE 0 END, CASE WHEN $12 THEN now() END) \
+                 CASE WHEN $11 THEN 1 ELSE 0 END, CASE WHEN $12 THEN now() END, $13) \
          ON CONFLICT (repository, sha, context) DO UPDATE SET \
              build_id = excluded.build_id, state = excluded.state, rank = excluded.rank, \
+             round = excluded.round, \
              description = excluded.description, target_url = excluded.target_url, \
              version = c.version + 1, \
              sent_version = CASE WHEN $11 THEN c.version + 1 ELSE c.sent_version END, \
              status = CASE WHEN $11 THEN 'skipped' ELSE 'pending' END, attempts = 0, \
              next_attempt_at = CASE WHEN $12 THEN now() END, \
              updated_at = now() \
-         WHERE (excluded.build_id > c.build_id OR (excluded.build_id = c.build_id AND excluded.rank > c.rank)) \
+         WHERE (excluded.build_id > c.build_id \
+                OR (excluded.build_id = c.build_id \
+                    AND (excluded.round, excluded.rank) > (c.round, c.rank))) \
            AND (c.state, c.description) IS DISTINCT FROM (excluded.state, excluded.description) \
          RETURNING version",
     )
@@ -1133,6 +1140,7 @@ pub async fn want_status(
     .bind(&w.target_url)
     .bind(skip)
     .bind(held)
+    .bind(w.round)
     .fetch_optional(conn)
     .await?;
     Ok(changed.is_some())

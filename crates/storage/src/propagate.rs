@@ -60,7 +60,7 @@ pub async fn propagate_build(
              SELECT {BUILD_COLUMNS_AS_B}, now() AS tx_now, clock_timestamp() AS db_clock \
              FROM builds b JOIN pipelines p ON p.id = b.pipeline_id \
              WHERE b.id = $1 FOR UPDATE OF b SKIP LOCKED) \
-         SELECT b.*, {JOB_COLUMNS} FROM b LEFT JOIN jobs j ON j.build_id = b.b_id ORDER BY j.position"
+         SELECT b.*, {JOB_COLUMNS} FROM b LEFT JOIN jobs j ON j.build_id = b.b_id ORDER BY j.position, j.attempt"
     ))
     .bind(build_id)
     .fetch_all(&mut *conn)
@@ -89,10 +89,13 @@ pub async fn propagate_build(
     let build_state: BuildState = build.state.parse().map_err(StorageError::Conflict)?;
     let cancel_requested = build.canceled;
     // A build without jobs (never created so) comes back as one row without a job.
+    // Only the newest attempt of each key counts: a retried job's dependents wait for
+    // its retry, and the build's state follows the retry.
     let views: Vec<JobView> = rows
         .iter()
         .filter(|r| matches!(r.try_get::<Option<Uuid>, _>("id"), Ok(Some(_))))
         .map(JobView::from_row)
+        .filter(|j| !matches!(j, Ok(j) if j.retried_by.is_some()))
         .collect::<Result<_, _>>()?;
     let mut jobs = Vec::with_capacity(views.len());
     let mut index: HashMap<&str, usize> = HashMap::with_capacity(views.len());
@@ -208,7 +211,8 @@ async fn move_build(
     Ok(sqlx::query_as(&format!(
         "UPDATE builds AS b SET state = $2, updated_at = now(), \
              started_at = CASE WHEN $2 = 'running' THEN coalesce(b.started_at, now()) ELSE b.started_at END, \
-             finished_at = CASE WHEN $2 IN ('passed', 'failed', 'canceled') THEN now() ELSE b.finished_at END \
+             finished_at = CASE WHEN $2 IN ('passed', 'failed', 'canceled') THEN now() ELSE b.finished_at END, \
+             finish_count = b.finish_count + CASE WHEN $2 IN ('passed', 'failed', 'canceled') THEN 1 ELSE 0 END \
          FROM pipelines p \
          WHERE b.id = $1 AND b.state = $3 AND p.id = b.pipeline_id \
          RETURNING {BUILD_COLUMNS}"
@@ -218,6 +222,31 @@ async fn move_build(
     .bind(from.as_str())
     .fetch_optional(&mut *conn)
     .await?)
+}
+
+/// A retry reopens a finished build: `running` again, with `build.running`, and its
+/// cancel forgotten (the retry asks for the work again). No `NOTIFY`: the caller
+/// wakes the relay after commit. The caller holds the build's lock.
+pub(crate) async fn reopen_build(
+    conn: &mut PgConnection,
+    build_id: Uuid,
+    from: BuildState,
+) -> Result<bool, StorageError> {
+    let build: Option<BuildView> = sqlx::query_as(&format!(
+        "UPDATE builds AS b SET state = 'running', finished_at = NULL, cancel_requested_at = NULL, \
+             started_at = coalesce(b.started_at, now()), updated_at = now() \
+         FROM pipelines p WHERE b.id = $1 AND b.state = $2 AND p.id = b.pipeline_id \
+         RETURNING {BUILD_COLUMNS}"
+    ))
+    .bind(build_id)
+    .bind(from.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(build) = build else {
+        return Ok(false);
+    };
+    events::insert_quiet(conn, vec![NewEvent::build(EventType::BuildRunning, &build)]).await?;
+    Ok(true)
 }
 
 /// Moves a build and writes its event without `NOTIFY` (the caller wakes the relay

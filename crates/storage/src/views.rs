@@ -21,6 +21,8 @@ pub struct BuildView {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub canceled: bool,
+    /// How many times the build has finished (a retry reopens a finished build).
+    pub attempt: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jobs: Option<Vec<JobView>>,
     #[serde(skip)]
@@ -31,7 +33,7 @@ pub struct BuildView {
 pub const BUILD_COLUMNS: &str =
     "b.id, b.org_id, b.number, b.state, b.commit_sha, b.branch, b.message, \
      p.slug AS pipeline, p.repository, b.created_at, b.started_at, b.finished_at, \
-     b.cancel_requested_at IS NOT NULL AS canceled";
+     b.cancel_requested_at IS NOT NULL AS canceled, b.finish_count AS attempt";
 
 /// [`BUILD_COLUMNS`] named `b_…`, for a row that also carries a job's columns.
 pub const BUILD_COLUMNS_AS_B: &str =
@@ -39,7 +41,7 @@ pub const BUILD_COLUMNS_AS_B: &str =
      b.commit_sha AS b_commit_sha, b.branch AS b_branch, b.message AS b_message, \
      p.slug AS b_pipeline, p.repository AS b_repository, b.created_at AS b_created_at, \
      b.started_at AS b_started_at, b.finished_at AS b_finished_at, \
-     b.cancel_requested_at IS NOT NULL AS b_canceled";
+     b.cancel_requested_at IS NOT NULL AS b_canceled, b.finish_count AS b_attempt";
 
 impl BuildView {
     /// Reads the columns of [`BUILD_COLUMNS`] (prefix `""`) or [`BUILD_COLUMNS_AS_B`]
@@ -60,6 +62,7 @@ impl BuildView {
             started_at: r.try_get(c("started_at").as_str())?,
             finished_at: r.try_get(c("finished_at").as_str())?,
             canceled: r.try_get(c("canceled").as_str())?,
+            attempt: r.try_get(c("attempt").as_str())?,
             jobs: None,
         })
     }
@@ -93,14 +96,33 @@ pub struct JobView {
     pub accepted_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// 1 for the first run; a retry counts up.
+    #[serde(default = "first_attempt")]
+    pub attempt: i32,
+    #[serde(default)]
+    pub retry_of: Option<Uuid>,
+    #[serde(default)]
+    pub retried_by: Option<Uuid>,
+    #[serde(default)]
+    pub timed_out: bool,
+    #[serde(default)]
+    pub timeout_s: i32,
     #[serde(skip)]
     pub org_id: Uuid,
+    /// Herald ended the job (timeout, cancel grace, lost agent), not its agent.
+    #[serde(skip)]
+    pub herald_ended: bool,
+}
+
+fn first_attempt() -> i32 {
+    1
 }
 
 pub const JOB_COLUMNS: &str =
     "j.id, j.build_id, j.org_id, j.key, j.label, j.command, j.queue, j.priority, \
      j.state, j.depends_on, j.agent_id, j.exit_status, j.env, j.created_at, j.scheduled_at, \
-     j.assigned_at, j.accepted_at, j.started_at, j.finished_at";
+     j.assigned_at, j.accepted_at, j.started_at, j.finished_at, j.attempt, j.retry_of, \
+     j.retried_by, j.timed_out, j.timeout_s, j.herald_ended";
 
 impl FromRow<'_, PgRow> for JobView {
     fn from_row(r: &PgRow) -> Result<Self, sqlx::Error> {
@@ -124,6 +146,12 @@ impl FromRow<'_, PgRow> for JobView {
             accepted_at: r.try_get("accepted_at")?,
             started_at: r.try_get("started_at")?,
             finished_at: r.try_get("finished_at")?,
+            attempt: r.try_get("attempt")?,
+            retry_of: r.try_get("retry_of")?,
+            retried_by: r.try_get("retried_by")?,
+            timed_out: r.try_get("timed_out")?,
+            timeout_s: r.try_get("timeout_s")?,
+            herald_ended: r.try_get("herald_ended")?,
         })
     }
 }

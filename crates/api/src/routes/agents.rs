@@ -77,6 +77,12 @@ fn ping_job(job: &JobView) -> serde_json::Value {
         "env": job.env,
         "scheduled_at": job.scheduled_at,
         "assigned_at": job.assigned_at,
+        "attempt": job.attempt,
+        "retry_of": job.retry_of,
+        "retried_by": job.retried_by,
+        "timed_out": job.timed_out,
+        "exit_status": job.exit_status,
+        "timeout_s": job.timeout_s,
     }})
 }
 
@@ -142,12 +148,18 @@ pub async fn ping(
     }
 }
 
+/// Buffered (see `heartbeat`); `cancel` comes from the process's in-memory cancel
+/// list (see `stops`), so an idle agent's heartbeat costs no query.
 pub async fn heartbeat(
     State(state): State<AppState>,
     Agent(agent): Agent,
 ) -> Json<serde_json::Value> {
     let at = state.heartbeats.record(agent.id);
-    Json(json!({"received_at": at}))
+    let cancel = state
+        .stops
+        .for_agent(state.router.primary(), agent.id)
+        .await;
+    Json(json!({"received_at": at, "cancel": cancel}))
 }
 
 pub async fn disconnect(
@@ -177,6 +189,13 @@ async fn call(
     }
     if applied.freed_agent {
         state.wake(&[channels::AGENT_FREE]);
+    }
+    if applied.scheduled {
+        state.wake(&[channels::DISPATCH]);
+        metrics::counter!("herald_jobs_retried_total", "by" => "rule").increment(1);
+    }
+    if applied.stopped {
+        state.wake(&[channels::CANCEL]);
     }
     if matches!(call, AgentCall::Accept) {
         state.parked.clear(agent, id);

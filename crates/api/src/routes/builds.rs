@@ -1,14 +1,18 @@
 use super::{list_response, page};
 use crate::error::ApiError;
-use crate::extract::{parse_id, ApiJson, Org};
-use crate::AppState;
+use crate::extract::{parse_id, Org};
+use crate::{idempotency, AppState};
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use herald_domain::input::MAX_MESSAGE_BYTES;
 use herald_domain::{text, validate_jobs, Branch, BuildState, CommitSha, RawJob, Slug};
 use herald_storage::builds::{self, BuildFilter, NewBuild};
 use herald_storage::channels;
+use herald_storage::idempotency::{self as store, Claim};
 use herald_storage::views::BuildView;
 use herald_storage::StorageError;
 use serde::Deserialize;
@@ -29,12 +33,17 @@ fn default_branch() -> String {
     "main".into()
 }
 
+/// With an `Idempotency-Key`, the key is claimed in the transaction that creates the
+/// build (see `crate::idempotency`).
 pub async fn create(
     State(state): State<AppState>,
     Org(org): Org,
     Path(slug): Path<String>,
-    ApiJson(body): ApiJson<CreateBuild>,
-) -> Result<(StatusCode, Json<BuildView>), ApiError> {
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Result<Response, ApiError> {
+    let key = idempotency::key(&headers)?;
+    let body: CreateBuild = idempotency::parse(&state, raw.clone()).await?;
     let commit = CommitSha::parse(&body.commit)?;
     let branch = Branch::parse(&body.branch)?;
     if let Some(m) = &body.message {
@@ -47,31 +56,49 @@ pub async fn create(
         branch,
         message: body.message,
         jobs,
+        default_timeout_s: state.settings.default_job_timeout_s,
     };
-    let build = match create_once(&state, org, &slug, new.clone(), false).await? {
-        Ok(build) => build,
+    let idem = key.map(|k| {
+        let hash = idempotency::fingerprint(&format!("POST /v1/pipelines/{slug}/builds"), &raw);
+        (k, hash)
+    });
+    let created = match create_once(&state, org, &slug, new.clone(), idem.as_ref(), false).await? {
+        Ok(created) => created,
         // Nothing was committed: once more, on a connection that answers.
         Err(e) => {
             tracing::warn!(error = %e, "creating a build failed before commit; retrying once");
-            create_once(&state, org, &slug, new, true).await??
+            create_once(&state, org, &slug, new, idem.as_ref(), true).await??
         }
+    };
+    let build = match created {
+        Created::Build(build) => build,
+        Created::Answered(claim) => return idempotency::answer(claim),
     };
     state.wake(&[channels::OUTBOX, channels::DISPATCH]);
     state.router.note_write().await;
     metrics::counter!("herald_builds_created_total").increment(1);
-    Ok((StatusCode::CREATED, Json(build)))
+    Ok((StatusCode::CREATED, Json(build)).into_response())
 }
 
-/// One attempt at creating a build. `Ok(Err(e))`: a connection error before the
-/// commit, so nothing was written and a retry is safe. A failed commit is not retried:
-/// it may have taken effect.
+/// What one attempt at creating a build came to.
+enum Created {
+    Build(BuildView),
+    /// The `Idempotency-Key` was seen before: its answer, and nothing created.
+    Answered(Claim),
+}
+
+/// One attempt at creating a build, claiming its `Idempotency-Key` (if any) in the
+/// same transaction. `Ok(Err(e))`: a connection error before the commit, so nothing
+/// was written and a retry is safe. A failed commit is not retried: it may have taken
+/// effect.
 async fn create_once(
     state: &AppState,
     org: uuid::Uuid,
     slug: &str,
     new: NewBuild,
+    idem: Option<&(String, Vec<u8>)>,
     fresh: bool,
-) -> Result<Result<BuildView, StorageError>, ApiError> {
+) -> Result<Result<Created, StorageError>, ApiError> {
     let acquired = if fresh {
         herald_storage::live_connection(state.router.primary()).await
     } else {
@@ -83,14 +110,30 @@ async fn create_once(
     };
     let attempt = async {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        if let Some((key, hash)) = idem {
+            match store::claim(&mut tx, org, key, hash).await? {
+                Claim::New => {}
+                other => {
+                    tx.rollback().await?;
+                    return Ok::<_, StorageError>((Created::Answered(other), None));
+                }
+            }
+        }
         let build = builds::create_build(&mut tx, org, slug, new).await?;
-        Ok::<_, StorageError>((build, tx))
+        if let Some((key, _)) = idem {
+            let body = serde_json::to_value(&build)
+                .map_err(|e| StorageError::Database(sqlx::Error::Encode(Box::new(e))))?;
+            store::store(&mut tx, org, key, StatusCode::CREATED.as_u16(), &body).await?;
+        }
+        Ok((Created::Build(build), Some(tx)))
     };
     let result = attempt.await;
     match result {
-        Ok((build, tx)) => {
-            tx.commit().await?;
-            Ok(Ok(build))
+        Ok((created, tx)) => {
+            if let Some(tx) = tx {
+                tx.commit().await?;
+            }
+            Ok(Ok(created))
         }
         Err(e) => retryable(e),
     }

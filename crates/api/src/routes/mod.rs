@@ -34,6 +34,7 @@ macro_rules! read_or_primary {
 pub mod agents;
 pub mod builds;
 pub mod health;
+pub mod jobs;
 pub mod ops;
 pub mod orgs;
 pub mod webhook_controls;

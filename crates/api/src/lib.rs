@@ -11,6 +11,7 @@ pub mod error;
 pub mod extract;
 pub mod heartbeat;
 pub mod openapi;
+pub mod ops_page;
 pub mod parked;
 mod routes;
 
@@ -162,6 +163,8 @@ pub fn app(state: AppState) -> Router {
             put(routes::ops::put_type),
         )
         .route("/v1/ops/queues", get(routes::ops::queues))
+        .route("/v1/ops/overview", get(routes::overview::overview))
+        .route("/ops", get(ops_page::page))
         .route("/v1/ops/dead-letters/replay", post(routes::ops::replay))
         .route("/v1/agents/register", post(routes::agents::register))
         .route("/v1/agent/ping", post(routes::agents::ping))

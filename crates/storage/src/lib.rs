@@ -16,6 +16,7 @@ pub mod events;
 pub mod jobs;
 pub mod maintenance;
 pub mod notify;
+pub mod ops_stats;
 pub mod orgs;
 pub mod outbox;
 pub mod pool;

@@ -36,6 +36,7 @@ pub mod builds;
 pub mod health;
 pub mod ops;
 pub mod orgs;
+pub mod overview;
 pub mod webhooks;
 
 use crate::error::ApiError;

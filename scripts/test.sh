@@ -41,6 +41,13 @@ else
     echo "warning: could not list old test databases (needs a superuser); carrying on" >&2
 fi
 
+step "test dependencies: promtool (prometheus), chromium and chromedriver"
+bash scripts/prometheus-deps.sh
+bash scripts/browser-deps.sh
+
+step "promtool check rules / test rules (config/prometheus)"
+(cd config/prometheus && promtool check rules alerts.yml && promtool test rules alerts_test.yml)
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

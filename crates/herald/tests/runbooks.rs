@@ -36,7 +36,10 @@ fn runbooks() -> Vec<(String, String)> {
         })
         .collect();
     out.sort();
-    assert!(out.len() >= 12, "one runbook per alert and per seed incident");
+    assert!(
+        out.len() >= 12,
+        "one runbook per alert and per seed incident"
+    );
     out
 }
 
@@ -235,7 +238,10 @@ fn check_command(args: &[String]) -> Result<(), String> {
         }
         i += 1;
     }
-    if path.last().is_some_and(|c| c.is_subcommand_required_set() || c.has_subcommands()) {
+    if path
+        .last()
+        .is_some_and(|c| c.is_subcommand_required_set() || c.has_subcommands())
+    {
         return Err("incomplete: a subcommand is missing".into());
     }
     Ok(())
@@ -271,7 +277,11 @@ fn named_keys(text: &str, sections: &BTreeSet<String>) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let key_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.';
     for (i, _) in text.match_indices(|c: char| c.is_ascii_lowercase()) {
-        if text[..i].chars().last().is_some_and(|c| key_char(c) || c.is_ascii_alphanumeric() || c == '/' || c == '-') {
+        if text[..i]
+            .chars()
+            .last()
+            .is_some_and(|c| key_char(c) || c.is_ascii_alphanumeric() || c == '/' || c == '-')
+        {
             continue;
         }
         let tail = &text[i..];
@@ -322,7 +332,9 @@ fn the_checks_catch_what_they_should() {
     );
     assert_eq!(
         endpoints("curl \"$U/v1/webhooks/$ID/deliveries?limit=5\"; open /ops. /opsx /metrics"),
-        ["/metrics", "/ops", "/v1/webhooks/$ID/deliveries"].map(String::from).into()
+        ["/metrics", "/ops", "/v1/webhooks/$ID/deliveries"]
+            .map(String::from)
+            .into()
     );
     let (keys, sections) = config_keys();
     assert!(keys.contains("notify.throttle.latency_target_ms"));
@@ -333,9 +345,13 @@ fn the_checks_catch_what_they_should() {
     );
     assert_eq!(
         named,
-        ["database.replica_url", "dispatch.nope", "notify.fanout_max_backlog"]
-            .map(String::from)
-            .into()
+        [
+            "database.replica_url",
+            "dispatch.nope",
+            "notify.fanout_max_backlog"
+        ]
+        .map(String::from)
+        .into()
     );
 }
 
@@ -399,6 +415,7 @@ async fn runbooks_name_only_what_exists() {
             "herald_queue_oldest_age_seconds",
             "herald_leader",
             "herald_dispatch_latency_seconds",
+            "herald_notify_throttle_factor",
         ]
         .iter()
         .all(|m| names.contains(*m))
@@ -438,14 +455,18 @@ async fn runbooks_name_only_what_exists() {
         }
         for k in named_keys(text, &sections) {
             if !keys.contains(&k) && !sections.contains(&k) {
-                problems.push(format!("{name}: config key {k} is not in config/default.toml"));
+                problems.push(format!(
+                    "{name}: config key {k} is not in config/default.toml"
+                ));
             }
         }
         match mitigation(text) {
             None => problems.push(format!("{name}: no `## Mitigate` section")),
             Some(m) => {
                 let commands: Vec<_> = code(&m).iter().flat_map(|l| herald_commands(l)).collect();
-                let ops = commands.iter().any(|c| c.first().is_some_and(|s| s == "ops"));
+                let ops = commands
+                    .iter()
+                    .any(|c| c.first().is_some_and(|s| s == "ops"));
                 if !ops && !m.contains("/ops") {
                     problems.push(format!(
                         "{name}: the mitigation is neither a `herald ops` command nor a click on /ops"
@@ -454,7 +475,14 @@ async fn runbooks_name_only_what_exists() {
             }
         }
     }
-    assert!(problems.is_empty(), "runbooks have rotted:\n{}", problems.join("\n"));
+    if !problems.is_empty() {
+        eprintln!("exported: {exported:?}");
+    }
+    assert!(
+        problems.is_empty(),
+        "runbooks have rotted:\n{}",
+        problems.join("\n")
+    );
     app.stop().await;
     env.cleanup().await;
 }

@@ -81,7 +81,10 @@ pub async fn overview(
 /// how many jobs each assigned (an approximation; each process keeps its own window).
 fn dispatch(rows: &[Stat]) -> Value {
     let num = |s: &Stat, k: &str| s.value.get(k).and_then(Value::as_f64);
-    let assigned: f64 = rows.iter().filter_map(|s| num(s, "assigned")).sum();
+    let assigned: f64 = rows
+        .iter()
+        .filter_map(|s| num(s, "assigned"))
+        .fold(0.0, |a, b| a + b);
     let p99 = rows
         .iter()
         .filter_map(|s| num(s, "p99_ms"))
@@ -90,7 +93,7 @@ fn dispatch(rows: &[Stat]) -> Value {
         let weighted: f64 = rows
             .iter()
             .filter_map(|s| Some(num(s, "p50_ms")? * num(s, "assigned")?))
-            .sum();
+            .fold(0.0, |a, b| a + b);
         Some((weighted / assigned * 10.0).round() / 10.0)
     } else {
         None
@@ -100,7 +103,7 @@ fn dispatch(rows: &[Stat]) -> Value {
         "p50_ms": p50,
         "p99_ms": p99,
         "target_p99_ms": DISPATCH_P99_TARGET_MS,
-        "assigned_last_minute": assigned,
+        "assigned_last_minute": assigned as u64,
         "window_s": 60,
         "dispatchers": rows.len(),
     })

@@ -67,7 +67,8 @@ pub fn snapshot() -> (usize, Option<u32>, Option<u32>) {
         return (0, None, None);
     }
     all.sort_unstable();
-    let at = |q: f64| all[((all.len() - 1) as f64 * q).round() as usize];
+    // Nearest rank: the smallest sample with at least q of them at or below it.
+    let at = |q: f64| all[((all.len() as f64 * q).ceil() as usize).clamp(1, all.len()) - 1];
     (all.len(), Some(at(0.5)), Some(at(0.99)))
 }
 

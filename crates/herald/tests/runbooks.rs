@@ -475,6 +475,9 @@ async fn runbooks_name_only_what_exists() {
             }
         }
     }
+    // Stop first: a failing assert with the roles still running would hang the test.
+    app.stop().await;
+    env.cleanup().await;
     if !problems.is_empty() {
         eprintln!("exported: {exported:?}");
     }
@@ -483,6 +486,4 @@ async fn runbooks_name_only_what_exists() {
         "runbooks have rotted:\n{}",
         problems.join("\n")
     );
-    app.stop().await;
-    env.cleanup().await;
 }

@@ -46,6 +46,13 @@ fi
 step "python test tools (scripts/python-deps.sh)"
 bash scripts/python-deps.sh || echo "warning: python-deps.sh failed; the webhook signature and schema tests will fail" >&2
 
+step "test dependencies: promtool (prometheus), chromium and chromedriver"
+bash scripts/prometheus-deps.sh
+bash scripts/browser-deps.sh
+
+step "promtool check rules / test rules (config/prometheus)"
+(cd config/prometheus && promtool check rules alerts.yml && promtool test rules alerts_test.yml)
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

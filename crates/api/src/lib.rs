@@ -14,6 +14,7 @@ pub mod heartbeat;
 pub mod idempotency;
 pub mod json_errors;
 pub mod openapi;
+pub mod ops_page;
 pub mod parked;
 pub mod readiness;
 mod routes;
@@ -234,6 +235,8 @@ fn api_routes() -> RouteTable<AppState> {
             put(routes::ops::put_type),
         )
         .route("/v1/ops/queues", get(routes::ops::queues))
+        .route("/v1/ops/overview", get(routes::overview::overview))
+        .route("/ops", get(ops_page::page))
         .route("/v1/ops/dead-letters/replay", post(routes::ops::replay))
         .route("/v1/agents/register", post(routes::agents::register))
         .route("/v1/agent/ping", post(routes::agents::ping))

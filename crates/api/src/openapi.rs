@@ -579,6 +579,8 @@ fn paths() -> Value {
         ),
         ("/v1/ops/queues", "get", list_queues()),
         ("/v1/ops/dead-letters/replay", "post", replay_dead_letters()),
+        ("/v1/ops/overview", "get", ops_overview()),
+        ("/ops", "get", ops_page()),
         ("/v1/pipelines", "post", create_pipeline()),
         ("/v1/pipelines/{slug}", "get", get_pipeline()),
         ("/v1/pipelines/{slug}/github", "put", put_github()),
@@ -1388,6 +1390,7 @@ fn schemas() -> Value {
         agent_schemas(),
         webhook_schemas(),
         webhook_control_schemas(),
+        overview_schemas(),
     ] {
         if let Value::Object(m) = part {
             all.extend(m);
@@ -1957,6 +1960,126 @@ fn webhook_event_schema() -> Value {
     })
 }
 
+// ------------------------------------------------------------------ the on-call page
+
+fn ops_overview() -> Value {
+    Op::new(
+        "operator",
+        "opsOverview",
+        "Everything the on-call page shows",
+        Auth::Admin,
+    )
+    .describe(
+        "One call with what `GET /ops` shows, refreshed by the page every 1.5 s. The API \
+             runs no dispatch or notification work, so those roles' figures come from the \
+             database: each dispatcher and each throttle writes its figures every 2 s (a \
+             process silent for 30 s is left out); deliveries/s and failures/s count the \
+             webhook attempts of the last 60 s; queues are those of `GET /v1/ops/queues`; the \
+             notification types are read from the primary, the rest from the replica. \
+             `dispatch.p99_ms` is the worst of the dispatchers' p99s over the last minute of \
+             runnable → assigned times (jobs that waited for a free agent excluded), and \
+             `p50_ms` their p50s weighted by jobs assigned; both are `null` when nothing was \
+             assigned, and `healthy` is then true.",
+    )
+    .json(200, "The overview.", "OpsOverview")
+    .errors(&[401, 403, 503])
+    .done()
+}
+
+fn ops_page() -> Value {
+    Op::new("operator", "opsPage", "The on-call page", Auth::None)
+        .describe(
+            "An HTML page embedded in the binary (no asset from elsewhere). It has no login of \
+             its own: it asks for the admin token (or reads it from the fragment \
+             `#token=...`, which it then clears), keeps it in the tab's sessionStorage and \
+             calls `GET /v1/ops/overview`, `PUT /v1/ops/notification-types/{type}` and `POST \
+             /v1/ops/dead-letters/replay` with it as Bearer. Served only by the api role.",
+        )
+        .respond(
+            200,
+            json!({
+                "description": "The page.",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            }),
+        )
+        .done()
+}
+
+fn overview_schemas() -> Value {
+    let num = |d: &str| json!({"type": "number", "nullable": true, "description": d});
+    json!({
+        "OpsOverview": {
+            "type": "object",
+            "required": ["generated_at", "dispatch", "queues", "notification_types", "throttle",
+                         "webhooks", "dead_letters", "disabled_endpoints"],
+            "properties": {
+                "generated_at": time("When the figures were read."),
+                "dispatch": {
+                    "type": "object",
+                    "properties": {
+                        "healthy": {"type": "boolean", "description": "`p99_ms` is within `target_p99_ms` (or nothing was assigned)."},
+                        "p50_ms": num("Median runnable → assigned time, last minute."),
+                        "p99_ms": num("99th percentile, last minute: the worst dispatcher's."),
+                        "target_p99_ms": {"type": "number"},
+                        "assigned_last_minute": {"type": "number"},
+                        "window_s": {"type": "integer"},
+                        "dispatchers": {"type": "integer", "description": "Dispatchers reporting."},
+                    },
+                },
+                "queues": {"type": "array", "items": schema("Queue")},
+                "notification_types": {"type": "array", "items": schema("NotificationType")},
+                "throttle": {
+                    "type": "object",
+                    "properties": {
+                        "factor": num("The lowest factor of the notify processes (1 = not throttled); `null` when none reports."),
+                        "engaged": {"type": "boolean"},
+                        "signals": {
+                            "type": "object", "nullable": true,
+                            "description": "What that throttle last saw.",
+                            "properties": {
+                                "dispatch_latency_ms": num("Dispatch's assignment latency."),
+                                "query_latency_ms": num("A probe query's latency."),
+                                "lock_waiters": {"type": "integer"},
+                            },
+                        },
+                        "processes": {"type": "array", "items": {"type": "object"}},
+                    },
+                },
+                "webhooks": {
+                    "type": "object",
+                    "properties": {
+                        "window_s": {"type": "number"},
+                        "deliveries_per_s": {"type": "number", "description": "2xx attempts per second."},
+                        "failures_per_s": {"type": "number", "description": "Other attempts (errors, timeouts) per second."},
+                        "dead_letters": {"type": "integer"},
+                    },
+                },
+                "dead_letters": {
+                    "type": "object",
+                    "properties": {
+                        "webhook": {"type": "integer"},
+                        "github_commit_status": {"type": "integer"},
+                    },
+                },
+                "disabled_endpoints": {
+                    "type": "array",
+                    "description": "Webhooks disabled in the last 24 h, newest first, at most 100.",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "id": uuid("The webhook."),
+                            "org": {"type": "string", "description": "The org's slug."},
+                            "url": {"type": "string"},
+                            "reason": {"type": "string", "nullable": true},
+                            "disabled_at": time("When it was disabled."),
+                        },
+                    },
+                },
+            },
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1974,6 +2097,8 @@ mod tests {
         ("put", "/v1/ops/notification-types/{type}"),
         ("get", "/v1/ops/queues"),
         ("post", "/v1/ops/dead-letters/replay"),
+        ("get", "/v1/ops/overview"),
+        ("get", "/ops"),
         ("post", "/v1/pipelines"),
         ("get", "/v1/pipelines/{slug}"),
         ("put", "/v1/pipelines/{slug}/github"),
@@ -2129,7 +2254,9 @@ mod tests {
             let open = path.starts_with("/healthz")
                 || path.starts_with("/readyz")
                 || path == "/metrics"
-                || path == "/openapi.json";
+                || path == "/openapi.json"
+                // The page itself has no login; the calls it makes carry the token.
+                || path == "/ops";
             assert_eq!(
                 op["security"].as_array().expect("security").is_empty(),
                 open,

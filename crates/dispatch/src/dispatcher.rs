@@ -26,6 +26,7 @@ pub async fn run(
         wake.clone(),
         listening.clone(),
     ));
+    let stats = tokio::spawn(crate::stats::publish(pool.clone(), cancel.clone()));
     let backstop = Duration::from_secs_f64(settings.backstop_poll_s.max(0.1));
     let mut report = HealthReport::default();
     // Until a round says otherwise, assume jobs wait for agents; and look at once.
@@ -78,6 +79,7 @@ pub async fn run(
         }
     }
     listening.cancel();
+    let _ = stats.await;
     tracing::info!("dispatcher stopped");
 }
 
@@ -175,6 +177,7 @@ pub async fn round(
             let waited = (now - at).to_std().unwrap_or_default();
             metrics::histogram!("herald_dispatch_assign_seconds").record(waited.as_secs_f64());
             if fresh_since.is_none_or(|since| at >= since) {
+                crate::stats::record(waited);
                 latency = Some(latency.map_or(waited, |l| l.max(waited)));
             }
         }

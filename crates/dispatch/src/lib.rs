@@ -6,8 +6,10 @@
 //! run slow work inline: everything here is a short transaction on PostgreSQL.
 
 pub mod dispatcher;
+pub mod gauges;
 pub mod maintenance;
 pub mod propagation;
+pub mod stats;
 
 use serde::Deserialize;
 

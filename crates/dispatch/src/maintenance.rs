@@ -24,12 +24,15 @@ pub struct SweepSettings {
 const END_BATCH: i64 = 100;
 
 pub async fn run(url: String, settings: SweepSettings, cancel: CancellationToken) {
+    // A standby says so: `sum by (role) (herald_leader) < 1` is a role with no leader.
+    metrics::gauge!("herald_leader", "role" => "maintenance").set(0.0);
     let mut backoff = Duration::from_millis(200);
     while !cancel.is_cancelled() {
         match lead(&url, &settings, &cancel).await {
             Ok(()) => break,
             Err(e) => {
                 metrics::gauge!("herald_maintenance_leader").set(0.0);
+                metrics::gauge!("herald_leader", "role" => "maintenance").set(0.0);
                 tracing::warn!(error = %e, "maintenance session ended; standing for election again");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -40,6 +43,7 @@ pub async fn run(url: String, settings: SweepSettings, cancel: CancellationToken
         }
     }
     metrics::gauge!("herald_maintenance_leader").set(0.0);
+    metrics::gauge!("herald_leader", "role" => "maintenance").set(0.0);
 }
 
 async fn lead(
@@ -57,9 +61,12 @@ async fn lead(
     }
     tracing::info!("elected maintenance leader");
     metrics::gauge!("herald_maintenance_leader").set(1.0);
+    metrics::gauge!("herald_leader", "role" => "maintenance").set(1.0);
     let every = Duration::from_secs_f64(s.maintenance.interval_s.max(0.1));
+    let mut exported = None;
     loop {
         sweep(&mut conn, s).await?;
+        crate::gauges::maybe_export(&mut conn, &mut exported).await?;
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = cancel.cancelled() => {

@@ -102,6 +102,10 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     let base = format!("http://{addr}");
     println!("herald demo: API on {base}, admin token {admin}");
     println!(
+        "herald demo: watch it on the on-call page {}",
+        ops_url(&base, &admin)
+    );
+    println!(
         "herald demo: replica {}",
         cfg.database
             .replica_url
@@ -345,5 +349,32 @@ async fn build_loop(api: Client, stop: CancellationToken, stats: Arc<Stats>, per
             Ok(_) => stats.builds_created.fetch_add(1, Ordering::Relaxed),
             Err(_) => stats.errors.fetch_add(1, Ordering::Relaxed),
         };
+    }
+}
+
+/// The on-call page with the admin token in the fragment: the page moves it into the
+/// tab's sessionStorage and clears it from the address bar. A fragment never reaches
+/// the server.
+pub fn ops_url(base: &str, token: &str) -> String {
+    let encoded: String = token
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("{base}/ops#token={encoded}")
+}
+
+#[cfg(test)]
+mod ops_url_tests {
+    #[test]
+    fn the_token_rides_in_the_fragment_encoded() {
+        assert_eq!(
+            super::ops_url("http://127.0.0.1:8080", "hrd_adm_a+b/c="),
+            "http://127.0.0.1:8080/ops#token=hrd_adm_a%2Bb%2Fc%3D"
+        );
     }
 }

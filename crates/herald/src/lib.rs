@@ -3,6 +3,7 @@
 //! and hands each role its own.
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod ops;

@@ -1,46 +1,13 @@
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use herald::app;
+use herald::cli::{Cli, Command};
 use herald::config::Config;
-use std::path::PathBuf;
 
 // glibc's allocator took a quarter of the process's CPU under webhook load (perf:
 // _int_malloc, unlink_chunk, malloc_consolidate), mostly on short-lived buffers.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[derive(Parser)]
-#[command(
-    name = "herald",
-    version,
-    about = "Job dispatch and notification fan-out for CI"
-)]
-struct Cli {
-    /// Config file layered over config/default.toml (also HERALD_CONFIG).
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Apply database migrations to the primary (idempotent).
-    Migrate,
-    /// Run the listed roles in this process (all roles without the flag).
-    Serve {
-        /// Comma-separated: api,relay,dispatch,notify,maintenance
-        #[arg(long)]
-        roles: Option<String>,
-    },
-    /// Migrate, start every role, and drive it with in-process agents and builds.
-    Demo(herald::demo::DemoArgs),
-    /// Operator commands, through the HTTP API.
-    Ops {
-        #[command(subcommand)]
-        command: herald::ops::OpsCommand,
-    },
-}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -22,6 +22,7 @@ pub fn metrics() -> Option<PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()
+                .inspect(|_| described())
         })
         .clone()
 }
@@ -37,4 +38,12 @@ pub fn logging(filter: &str, json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// Series that alert rules read but that may stay silent for days: exported at 0 from
+/// the start, so that `increase()` sees their first step.
+fn described() {
+    for reason in ["gone", "failing", "manual"] {
+        metrics::counter!("herald_webhooks_disabled_total", "reason" => reason).increment(0);
+    }
 }

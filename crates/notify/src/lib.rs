@@ -13,6 +13,7 @@ pub mod fanout;
 pub mod limits;
 pub mod scheduler;
 pub mod throttle;
+pub mod throttle_stats;
 pub mod webhook;
 
 use controls::{SubscriptionCache, TypeControls};
@@ -370,6 +371,10 @@ pub async fn start(
         role.primary_url.clone(),
         n.clone(),
         due,
+        cancel.clone(),
+    )));
+    tasks.push(tokio::spawn(throttle_stats::publish(
+        role.pool.clone(),
         cancel.clone(),
     )));
     tasks.push(tokio::spawn(throttle::run(

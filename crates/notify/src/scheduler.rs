@@ -16,11 +16,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub async fn run(url: String, n: Arc<Notifier>, due: Arc<Notify>, cancel: CancellationToken) {
+    metrics::gauge!("herald_leader", "role" => "scheduler").set(0.0);
     let mut backoff = Duration::from_millis(200);
     while !cancel.is_cancelled() {
         match lead(&url, &n, &due, &cancel).await {
             Ok(()) => break,
             Err(e) => {
+                metrics::gauge!("herald_leader", "role" => "scheduler").set(0.0);
                 tracing::warn!(error = %e, "delivery scheduler session ended; standing for election again");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -45,6 +47,7 @@ async fn lead(
         _ = cancel.cancelled() => return Ok(()),
     }
     tracing::info!("elected delivery scheduler");
+    metrics::gauge!("herald_leader", "role" => "scheduler").set(1.0);
     let mut last_expiry = Instant::now();
     loop {
         // A recover that waits for room in the webhook queue looks again soon.
@@ -77,6 +80,7 @@ async fn lead(
             _ = due.notified() => {}
             _ = tokio::time::sleep(sleep) => {}
             _ = cancel.cancelled() => {
+                metrics::gauge!("herald_leader", "role" => "scheduler").set(0.0);
                 let _ = maintenance::release(&mut session, keys::NOTIFY_SCHEDULER).await;
                 let _ = session.close().await;
                 return Ok(());

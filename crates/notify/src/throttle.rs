@@ -50,6 +50,7 @@ pub async fn run(n: Arc<Notifier>, dispatch: Option<DispatchHealth>, cancel: Can
         let remote = n.remote_health.take();
         let factor = if n.settings.throttle.enabled && active {
             let health = sample(&n, dispatch.as_ref(), remote).await;
+            crate::throttle_stats::signals(&health);
             n.throttle.observe(health)
         } else if n.settings.throttle.enabled {
             // Nothing to throttle: recover without asking the database anything.
@@ -62,6 +63,7 @@ pub async fn run(n: Arc<Notifier>, dispatch: Option<DispatchHealth>, cancel: Can
         } else {
             1.0
         };
+        crate::throttle_stats::factor(factor, n.settings.throttle.enabled);
         for (kind, limiter) in [
             ("webhook", &n.webhook_rate),
             ("github_commit_status", &n.github_rate),

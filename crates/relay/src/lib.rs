@@ -44,12 +44,14 @@ pub async fn run(
     local: LocalWakes,
     cancel: CancellationToken,
 ) {
+    metrics::gauge!("herald_leader", "role" => "relay").set(0.0);
     let mut backoff = Duration::from_millis(200);
     while !cancel.is_cancelled() {
         match lead(&url, &pool, &publisher, &settings, &local, &cancel).await {
             Ok(()) => break,
             Err(e) => {
                 metrics::gauge!("herald_relay_leader").set(0.0);
+                metrics::gauge!("herald_leader", "role" => "relay").set(0.0);
                 tracing::warn!(error = %e, "relay session ended; standing for election again");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -60,6 +62,7 @@ pub async fn run(
         }
     }
     metrics::gauge!("herald_relay_leader").set(0.0);
+    metrics::gauge!("herald_leader", "role" => "relay").set(0.0);
 }
 
 async fn lead(
@@ -78,6 +81,7 @@ async fn lead(
     }
     tracing::info!("elected outbox relay");
     metrics::gauge!("herald_relay_leader").set(1.0);
+    metrics::gauge!("herald_leader", "role" => "relay").set(1.0);
     let wake = Arc::new(Notify::new());
     let listening = cancel.child_token();
     tokio::spawn(listen(

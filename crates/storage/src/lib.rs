@@ -18,6 +18,7 @@ pub mod jobs;
 pub mod lifecycle;
 pub mod maintenance;
 pub mod notify;
+pub mod ops_stats;
 pub mod orgs;
 pub mod outbox;
 pub mod pool;

@@ -37,6 +37,7 @@ pub mod health;
 pub mod jobs;
 pub mod ops;
 pub mod orgs;
+pub mod overview;
 pub mod webhook_controls;
 pub mod webhooks;
 

@@ -595,7 +595,7 @@ pub async fn monitor(
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = Instant::now();
-        let s = crate::scrape(&plain)
+        let s = crate::metrics::scrape(&plain)
             .await
             .map(|t| sample_of(&t, r.origin.elapsed().as_secs_f64()));
         if let Some(s) = s {
@@ -624,8 +624,8 @@ pub async fn monitor(
             } else {
                 format!(
                     "p50 {:.1} ms p99 {:.1} ms",
-                    crate::ms(w.value_at_quantile(0.5)),
-                    crate::ms(w.value_at_quantile(0.99))
+                    crate::metrics::ms(w.value_at_quantile(0.5)),
+                    crate::metrics::ms(w.value_at_quantile(0.99))
                 )
             };
             w.reset();

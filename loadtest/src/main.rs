@@ -11,6 +11,8 @@
 
 mod agents;
 mod builds;
+mod cluster;
+mod fakes;
 mod metrics;
 mod receivers;
 mod report;
@@ -110,9 +112,17 @@ struct Args {
     progress_s: f64,
     #[command(flatten)]
     notify: receivers::NotifyArgs,
+    #[command(flatten)]
+    chaos: scenarios::chaos::ChaosArgs,
 }
 
 async fn run(args: Args) -> Result<()> {
+    if args.notify.scenario == Scenario::Chaos {
+        return match scenarios::chaos::run(args).await? {
+            true => Ok(()),
+            false => Err(anyhow!("the chaos ledger shows a failure")),
+        };
+    }
     if args.agents == 0 {
         bail!("--agents must be at least 1");
     }
@@ -191,6 +201,7 @@ async fn run(args: Args) -> Result<()> {
             )
             .await?
         }
+        Scenario::Chaos => bail!("the chaos scenario runs on its own"),
         Scenario::Storm => {
             scenarios::storm::run(
                 &sh,

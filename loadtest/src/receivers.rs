@@ -49,6 +49,8 @@ pub enum Scenario {
     Webhooks,
     /// Issue 3 (c): dispatch p99 without, then during, a notification storm.
     Storm,
+    /// Issue 10: faults against a multi-process Herald, then a ledger.
+    Chaos,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -392,7 +394,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Standard Webhooks: any `v1,<base64>` entry equal to HMAC-SHA256(key,
 /// "{id}.{timestamp}.{body}").
-fn signature_ok(key: &[u8], id: &str, ts: &str, body: &[u8], sig_header: &str) -> bool {
+pub fn signature_ok(key: &[u8], id: &str, ts: &str, body: &[u8], sig_header: &str) -> bool {
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
         return false;
     };

@@ -114,23 +114,7 @@ pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
     let Some(mut batch) = DeliveryBatch::parse(&msg.body) else {
         return Outcome::DeadLetter;
     };
-    let mode = n.controls.mode("webhook");
-    // Any message may be a copy (relay and fan-out are at-least-once, a requeue comes
-    // back): only the worker that claims a delivery sends it.
-    let mut lease_end = tokio::time::Instant::now();
-    if mode == Mode::Enabled {
-        match claim(&n, &mut batch).await {
-            Ok(end) => lease_end = end,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot claim deliveries; requeueing");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return Outcome::Requeue;
-            }
-        }
-        if batch.deliveries.is_empty() {
-            return Outcome::Ack;
-        }
-    } else if msg.redelivered {
+    if msg.redelivered {
         // Some may have been sent before a crash; the rows know.
         let items: Vec<(Uuid, i32)> = batch
             .deliveries
@@ -153,7 +137,7 @@ pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
             return Outcome::Ack;
         }
     }
-    let records: Vec<AttemptRecord> = match mode {
+    let records: Vec<AttemptRecord> = match n.controls.mode("webhook") {
         Mode::Disabled => {
             metrics::counter!("herald_notify_skipped_total", "type" => "webhook")
                 .increment(batch.deliveries.len() as u64);
@@ -177,7 +161,7 @@ pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
             futures::future::join_all(b.deliveries.iter().map(|d| {
                 let n = &n;
                 async move {
-                    match attempt(n, b, d, lease_end).await {
+                    match attempt(n, b, d).await {
                         Ok(rec) => rec,
                         Err(e) => {
                             tracing::warn!(error = %e, delivery = %d.delivery_id, "delivery failed before sending; retrying soon");
@@ -193,61 +177,17 @@ pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
             .await
         }
     };
-    if n.writer.record_all(records.clone()).await {
-        return Outcome::Ack;
+    if n.writer.record_all(records).await {
+        Outcome::Ack
+    } else {
+        Outcome::Requeue
     }
-    // While the claim lasts no copy sends these, so the results can still be written;
-    // a requeue after a 2xx would send them again.
-    while mode == Mode::Enabled
-        && !n.stopping.is_cancelled()
-        && tokio::time::Instant::now() + Duration::from_secs(1) < lease_end
-    {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        if n.writer.record_all(records.clone()).await {
-            return Outcome::Ack;
-        }
-    }
-    Outcome::Requeue
-}
-
-/// How long a claim keeps copies of a message from sending its deliveries: the
-/// attempt's timeout twice over, and room for the waits before it.
-fn lease(n: &Notifier) -> Duration {
-    Duration::from_secs_f64(n.settings.webhook_timeout_s.max(1.0) * 2.0 + 10.0)
-}
-
-/// Keeps in `batch` only the deliveries this worker claimed; hands those claimed by
-/// another worker to the scheduler for when that claim ends. Returns the claim's end.
-async fn claim(
-    n: &Notifier,
-    batch: &mut DeliveryBatch,
-) -> Result<tokio::time::Instant, herald_storage::StorageError> {
-    let lease = lease(n);
-    let end = tokio::time::Instant::now() + lease;
-    let items: Vec<(Uuid, i32)> = batch
-        .deliveries
-        .iter()
-        .map(|d| (d.delivery_id, d.attempts))
-        .collect();
-    let mut conn = n.pool.acquire().await?;
-    let mine = store::claim_deliveries(&mut conn, &items, lease).await?;
-    if mine.len() < items.len() {
-        let others: Vec<(Uuid, i32)> = items
-            .into_iter()
-            .filter(|(id, _)| !mine.contains(id))
-            .collect();
-        metrics::counter!("herald_notify_claim_refused_total").increment(others.len() as u64);
-        store::defer_claimed(&mut conn, &others).await?;
-    }
-    batch.deliveries.retain(|d| mine.contains(&d.delivery_id));
-    Ok(end)
 }
 
 async fn attempt(
     n: &Notifier,
     b: &DeliveryBatch,
     d: &BatchedDelivery,
-    lease_end: tokio::time::Instant,
 ) -> Result<AttemptRecord, herald_storage::StorageError> {
     let Some(hook) = n.cache.webhook(&n.pool, d.webhook_id).await? else {
         return Ok(AttemptRecord {
@@ -274,15 +214,6 @@ async fn attempt(
     let _slot = n.webhook_slots.acquire().await;
     n.webhook_rate.acquire().await;
     n.destinations.acquire(&hook.id.to_string(), &host).await;
-    // Past its claim another copy may send it: hand it back unsent instead.
-    let timeout = Duration::from_secs_f64(n.settings.webhook_timeout_s.max(1.0));
-    if tokio::time::Instant::now() + timeout + Duration::from_secs(2) > lease_end {
-        return Ok(AttemptRecord {
-            next_attempt_at: Some(Utc::now() + NOT_TRIED_DELAY),
-            error: Some("not tried: its claim ran out while it waited for a rate limit".into()),
-            ..record(d, "pending")
-        });
-    }
     let a = n
         .sender
         .send(

@@ -426,58 +426,6 @@ pub async fn still_to_attempt(
     .await?)
 }
 
-/// Of `(delivery, attempts made before)` pairs of a delivery message, claims for
-/// `lease` those still waiting for that attempt (as [`still_to_attempt`]) that no other
-/// worker has claimed; returns the ids claimed. Rows another transaction holds are
-/// skipped, not waited for.
-pub async fn claim_deliveries(
-    conn: &mut PgConnection,
-    items: &[(Uuid, i32)],
-    lease: std::time::Duration,
-) -> Result<Vec<Uuid>, StorageError> {
-    let (ids, attempts): (Vec<Uuid>, Vec<i32>) = items.iter().copied().unzip();
-    Ok(sqlx::query_scalar(
-        "WITH c AS ( \
-             SELECT d.id FROM deliveries d JOIN unnest($1::uuid[], $2::int[]) AS v(id, attempts) \
-               ON d.id = v.id \
-             WHERE d.status = 'pending' AND d.attempts = v.attempts AND d.next_attempt_at IS NULL \
-               AND (d.claimed_until IS NULL OR d.claimed_until < now()) \
-             ORDER BY d.id FOR UPDATE OF d SKIP LOCKED) \
-         UPDATE deliveries d SET claimed_until = now() + make_interval(secs => $3) \
-         FROM c WHERE d.id = c.id RETURNING d.id",
-    )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(lease.as_secs_f64())
-    .fetch_all(conn)
-    .await?)
-}
-
-/// Deliveries of a message copy that could not be claimed and still wait for that
-/// attempt go to the scheduler, due when the other claim ends: sent then only if the
-/// claimer never recorded its attempt (it died). Returns how many.
-pub async fn defer_claimed(
-    conn: &mut PgConnection,
-    items: &[(Uuid, i32)],
-) -> Result<u64, StorageError> {
-    let (ids, attempts): (Vec<Uuid>, Vec<i32>) = items.iter().copied().unzip();
-    let n = sqlx::query(
-        "UPDATE deliveries d SET next_attempt_at = greatest(coalesce(d.claimed_until, now()), now()) \
-         FROM unnest($1::uuid[], $2::int[]) AS v(id, attempts) \
-         WHERE d.id = v.id AND d.status = 'pending' AND d.attempts = v.attempts \
-           AND d.next_attempt_at IS NULL",
-    )
-    .bind(&ids)
-    .bind(&attempts)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if n > 0 {
-        events::notify(conn, channels::DUE, "").await?;
-    }
-    Ok(n)
-}
-
 pub async fn list_deliveries(
     conn: &mut PgConnection,
     org_id: Uuid,
@@ -599,7 +547,7 @@ pub async fn record_attempts(
               upd AS ( \
                  UPDATE deliveries d SET status = v.status, \
                      attempts = d.attempts + CASE WHEN v.attempted THEN 1 ELSE 0 END, \
-                     next_attempt_at = v.next_at, claimed_until = NULL, \
+                     next_attempt_at = v.next_at, \
                      last_status_code = CASE WHEN v.attempted THEN v.code ELSE d.last_status_code END, \
                      last_error = CASE WHEN v.attempted OR v.err IS NOT NULL THEN v.err ELSE d.last_error END, \
                      updated_at = now() \

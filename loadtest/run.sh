@@ -40,6 +40,24 @@
 #   HERALD_LOADTEST_KEEP_QUEUES=1   do not purge the broker's loadtest.* queues first
 #   HERALD_LOADTEST_NOTIFY_NICE=N   run the notify role in a second process at nice N
 #                                   (the first runs every other role)
+#   HERALD_LOADTEST_PROFILE   release                              or debug (faster to build)
+#   HERALD_LOADTEST_RABBITMQCTL  rabbitmqctl                       e.g. "rabbitmqctl -n chaos@localhost"
+#
+# Chaos (issue 10; docs/RELIABILITY.md):
+#
+#   loadtest/run.sh --scenario chaos --duration-s 300            # full
+#   loadtest/run.sh --scenario chaos --duration-s 45 --drain-s 60 --hang-s 30   # short (test.sh)
+#
+# herald-loadtest then runs Herald itself: two `api`, two `relay,notify` and one
+# `dispatch,maintenance` process on ports 18180-18184 (HERALD_CHAOS_PORT_BASE), kills
+# and replaces them, and restarts the services with these commands (sh -c; defaults fit
+# the Debian services of scripts/services.sh):
+#   HERALD_CHAOS_RABBIT_STOP / HERALD_CHAOS_RABBIT_START   rabbitmqctl stop_app / start_app
+#   HERALD_CHAOS_PG_RESTART                                 pg_ctlcluster <ver> main restart
+#   HERALD_CHAOS_REPLICA_STOP / HERALD_CHAOS_REPLICA_START  pg_ctlcluster <ver> replica stop/start
+#   HERALD_CHAOS_RESTORE      bash scripts/services.sh      run at the end whatever happened
+# Point HERALD_LOADTEST_PRIMARY/REPLICA, HERALD_AMQP__URL and those commands at private
+# instances to run it without touching the shared services.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -66,11 +84,17 @@ BASE_URL="http://${LISTEN}"
 mkdir -p "$OUT"
 
 # --- build --------------------------------------------------------------------------
-log "cargo build --release -p herald -p herald-loadtest"
-cargo build --release -p herald -p herald-loadtest
+PROFILE="${HERALD_LOADTEST_PROFILE:-release}"
+case "$PROFILE" in
+    release) build_flags=(--release) ;;
+    debug) build_flags=() ;;
+    *) die "HERALD_LOADTEST_PROFILE must be release or debug" ;;
+esac
+log "cargo build ${build_flags[*]} -p herald -p herald-loadtest"
+cargo build "${build_flags[@]}" -p herald -p herald-loadtest
 TARGET_DIR="$(cargo metadata --format-version 1 --no-deps \
     | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-BIN="${TARGET_DIR:-${CARGO_TARGET_DIR:-target}}/release"
+BIN="${TARGET_DIR:-${CARGO_TARGET_DIR:-target}}/${PROFILE}"
 [[ -x "$BIN/herald" && -x "$BIN/herald-loadtest" ]] || die "release binaries not found in $BIN"
 # Write the build's dirty pages back now: left to the kernel, that writeback lands in
 # the measurement and PostgreSQL's WAL fsyncs queue behind it (COMMITs of 0.5-1 s).
@@ -93,12 +117,15 @@ psql -X -q -At "${REPLICA}/${DB}" -c 'SELECT 1' >/dev/null || die "database ${DB
 # --- broker: messages left in the queues of an earlier run would feed the new server
 # events of a database that no longer exists. Purge (not delete: a queue being deleted
 # while the new server subscribes makes RabbitMQ close the connection).
+RABBITMQCTL="${HERALD_LOADTEST_RABBITMQCTL:-rabbitmqctl}"
 if [[ "${HERALD_LOADTEST_KEEP_QUEUES:-0}" != 1 ]] && command -v rabbitmqctl >/dev/null 2>&1; then
-    if queues="$(rabbitmqctl list_queues -q --no-table-headers name messages 2>/dev/null)"; then
+    # shellcheck disable=SC2086 # the command may carry options (-n node)
+    if queues="$($RABBITMQCTL list_queues -q --no-table-headers name messages 2>/dev/null)"; then
         while read -r q n; do
             [[ "$q" == loadtest.* && "${n:-0}" != 0 ]] || continue
             log "purging ${n} messages of an earlier run from broker queue ${q}"
-            rabbitmqctl purge_queue -q "$q" >/dev/null 2>&1 || log "warning: could not purge queue ${q}"
+            # shellcheck disable=SC2086
+            $RABBITMQCTL purge_queue -q "$q" >/dev/null 2>&1 || log "warning: could not purge queue ${q}"
         done <<<"$queues"
     else
         log "warning: rabbitmqctl list_queues failed; leaving the loadtest.* queues as they are"
@@ -119,6 +146,36 @@ log "Herald environment: $(env | grep -E '^HERALD_' | grep -v -E 'ADMIN_TOKEN|_U
 
 log "herald migrate"
 "$BIN/herald" migrate
+
+# --- chaos: herald-loadtest runs (and kills) the Herald processes itself -------------
+chaos=0
+prev=""
+for a in "$@"; do
+    [[ "$a" == "--scenario=chaos" || ( "$prev" == "--scenario" && "$a" == chaos ) ]] && chaos=1
+    prev="$a"
+done
+if ((chaos)); then
+    export HERALD_LOG__FILTER="${HERALD_CHAOS_LOG_FILTER:-warn}"
+    # Retries within the run, a lost assignment back soon, GitHub's budget out of the way.
+    export HERALD_NOTIFY__RETRY_SCALE="${HERALD_NOTIFY__RETRY_SCALE:-0.05}"
+    export HERALD_NOTIFY__WEBHOOK_TIMEOUT_S="${HERALD_NOTIFY__WEBHOOK_TIMEOUT_S:-10}"
+    export HERALD_DISPATCH__ACCEPT_TIMEOUT_S="${HERALD_DISPATCH__ACCEPT_TIMEOUT_S:-5}"
+    export HERALD_NOTIFY__GITHUB_PER_TOKEN_PER_MINUTE="${HERALD_NOTIFY__GITHUB_PER_TOKEN_PER_MINUTE:-100000}"
+    export HERALD_CHAOS_LOG_DIR="${HERALD_CHAOS_LOG_DIR:-${OUT}/chaos}"
+    export HERALD_CHAOS_RESTORE="${HERALD_CHAOS_RESTORE:-bash ${ROOT}/scripts/services.sh}"
+    rm -rf "$HERALD_CHAOS_LOG_DIR"
+    # Whatever happens to herald-loadtest, the services are left running.
+    trap 'log "restoring services: ${HERALD_CHAOS_RESTORE}"; sh -c "$HERALD_CHAOS_RESTORE" >/dev/null || log "warning: restore failed"' EXIT
+    rc=0
+    "$BIN/herald-loadtest" \
+        --herald-bin "$BIN/herald" \
+        --base-url "$BASE_URL" \
+        --admin-token "$ADMIN_TOKEN" \
+        --db-url "${PRIMARY}/${DB}" \
+        "$@" || rc=$?
+    log "process logs: ${HERALD_CHAOS_LOG_DIR}"
+    exit "$rc"
+fi
 
 SERVER_LOG="${OUT}/herald-serve.log"
 NOTIFY_PID=""

@@ -108,6 +108,19 @@ run_pass "broker_restart" -E 'test(broker_restart)' --test-threads 1 --no-tests=
 # Make sure the broker is back whatever those tests left behind.
 bash scripts/services.sh >/dev/null || echo "warning: services.sh failed after the broker_restart pass" >&2
 
+# Last and alone: the short chaos scenario restarts the shared RabbitMQ and PostgreSQL
+# (primary once, replica stop/start) and kills Herald processes; it leaves the services
+# running (its guard and run.sh's trap run scripts/services.sh). docs/RELIABILITY.md.
+if [[ "${HERALD_TEST_SKIP_CHAOS:-0}" != 1 ]]; then
+    step "chaos (short): loadtest/run.sh --scenario chaos --duration-s 45"
+    if ! HERALD_LOADTEST_PROFILE=debug HERALD_LOADTEST_DB=herald_chaos timeout 300 \
+        bash loadtest/run.sh --scenario chaos --duration-s 45 --drain-s 60 --heal-timeout-s 60 \
+            --jobs-per-s 3 --jobs-per-build 3 --job-min-ms 50 --job-max-ms 300 --kills 10; then
+        failed_passes+=("chaos")
+    fi
+    bash scripts/services.sh >/dev/null || echo "warning: services.sh failed after the chaos step" >&2
+fi
+
 echo
 if ((${#failed_passes[@]} > 0)); then
     echo "failed nextest passes: ${failed_passes[*]}"

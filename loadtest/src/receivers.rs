@@ -49,6 +49,8 @@ pub enum Scenario {
     Webhooks,
     /// Issue 3 (c): dispatch p99 without, then during, a notification storm.
     Storm,
+    /// Issue 10: faults against a multi-process Herald, then a ledger.
+    Chaos,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -392,7 +394,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Standard Webhooks: any `v1,<base64>` entry equal to HMAC-SHA256(key,
 /// "{id}.{timestamp}.{body}").
-fn signature_ok(key: &[u8], id: &str, ts: &str, body: &[u8], sig_header: &str) -> bool {
+pub fn signature_ok(key: &[u8], id: &str, ts: &str, body: &[u8], sig_header: &str) -> bool {
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
         return false;
     };
@@ -595,7 +597,7 @@ pub async fn monitor(
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = Instant::now();
-        let s = crate::scrape(&plain)
+        let s = crate::metrics::scrape(&plain)
             .await
             .map(|t| sample_of(&t, r.origin.elapsed().as_secs_f64()));
         if let Some(s) = s {
@@ -624,8 +626,8 @@ pub async fn monitor(
             } else {
                 format!(
                     "p50 {:.1} ms p99 {:.1} ms",
-                    crate::ms(w.value_at_quantile(0.5)),
-                    crate::ms(w.value_at_quantile(0.99))
+                    crate::metrics::ms(w.value_at_quantile(0.5)),
+                    crate::metrics::ms(w.value_at_quantile(0.99))
                 )
             };
             w.reset();

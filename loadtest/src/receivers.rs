@@ -61,6 +61,10 @@ pub struct NotifyArgs {
     /// Webhook endpoints to create (0: 40 for webhooks, 20 for storm).
     #[arg(long, default_value_t = 0)]
     pub webhooks: usize,
+    /// Rotate every endpoint's secret right after creating it, so that every delivery
+    /// is signed twice (`v1,<new> v1,<old>`): measures the cost of the overlap.
+    #[arg(long)]
+    pub rotate_secrets: bool,
     /// Comma-separated event patterns, handed to the endpoints round-robin, one each
     /// (default: `*` for webhooks; the four job.* types for storm, i.e. 20 endpoints x
     /// 5 jobs = 100 notifications per build).
@@ -354,7 +358,9 @@ impl Receivers {
     }
 
     /// Creates one webhook per endpoint through the org API and keeps its secret.
-    pub async fn create_webhooks(&self, api: &Client) -> Result<()> {
+    /// Creates every endpoint's webhook; with `rotate`, rotates its secret at once
+    /// (the receiver keeps the old key, whose signature still travels in the header).
+    pub async fn create_webhooks(&self, api: &Client, rotate: bool) -> Result<()> {
         for (i, e) in self.endpoints.iter().enumerate() {
             let body = json!({"url": e.url, "events": [e.pattern]});
             let v = api
@@ -371,6 +377,20 @@ impl Receivers {
                 .filter(|k| !k.is_empty())
                 .ok_or_else(|| anyhow!("create webhook: secret is not whsec_<base64>"))?;
             let _ = e.key.set(key);
+            if rotate {
+                let id = v
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| anyhow!("create webhook: no id in {v}"))?;
+                api.expect(
+                    Method::POST,
+                    &format!("/v1/webhooks/{id}/rotate-secret"),
+                    Some(&json!({"old_secret_valid_s": 86400})),
+                    200,
+                )
+                .await
+                .with_context(|| format!("rotating the secret of webhook {i}"))?;
+            }
         }
         Ok(())
     }

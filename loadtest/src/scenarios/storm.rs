@@ -38,7 +38,8 @@ pub async fn run(
     println!("[storm] baseline: {base_s:.0} s of dispatch load, no webhooks");
     let base = load_phase(sh, api, plain, pipeline, primary.as_deref_mut(), base_s).await;
     sh.reset_samples();
-    r.create_webhooks(api).await?;
+    r.create_webhooks(api, sh.args.notify.rotate_secrets)
+        .await?;
     println!(
         "[storm] {} webhooks created; storm: {:.0} s of the same dispatch load",
         r.endpoints.len(),

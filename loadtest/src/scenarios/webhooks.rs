@@ -240,7 +240,8 @@ pub async fn run(
         mon,
         mut report,
     } = setup(sh, plain).await?;
-    r.create_webhooks(api).await?;
+    r.create_webhooks(api, sh.args.notify.rotate_secrets)
+        .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     r.measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();

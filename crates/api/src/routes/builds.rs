@@ -71,7 +71,7 @@ pub async fn create(
         }
     };
     let build = match created {
-        Created::Build(build) => build,
+        Created::Build(build) => *build,
         Created::Answered(claim) => return idempotency::answer(claim),
     };
     state.wake(&[channels::OUTBOX, channels::DISPATCH]);
@@ -82,7 +82,7 @@ pub async fn create(
 
 /// What one attempt at creating a build came to.
 enum Created {
-    Build(BuildView),
+    Build(Box<BuildView>),
     /// The `Idempotency-Key` was seen before: its answer, and nothing created.
     Answered(Claim),
 }
@@ -125,7 +125,7 @@ async fn create_once(
                 .map_err(|e| StorageError::Database(sqlx::Error::Encode(Box::new(e))))?;
             store::store(&mut tx, org, key, StatusCode::CREATED.as_u16(), &body).await?;
         }
-        Ok((Created::Build(build), Some(tx)))
+        Ok((Created::Build(Box::new(build)), Some(tx)))
     };
     let result = attempt.await;
     match result {

@@ -57,8 +57,8 @@ fn build() -> Value {
             "started_at": nullable_time(),
             "finished_at": nullable_time(),
             "canceled": {"type": "boolean"},
-            "attempt": {"type": "integer", "minimum": 1,
-                        "description": "build.finished: how many times the build has finished, from 1"}
+            "attempt": {"type": "integer", "minimum": 0,
+                        "description": "how many times the build has finished: 0 until its first finish; from 1 in build.finished"}
         },
         "additionalProperties": true
     })

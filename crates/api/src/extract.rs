@@ -26,23 +26,28 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 ApiError::BadRequest("invalid_body", e.body_text())
             }
         })?;
-        let bytes = if bytes.is_empty() {
-            Bytes::from_static(b"{}")
-        } else {
-            bytes
-        };
-        serde_json::from_slice(&bytes)
-            .map(ApiJson)
-            .map_err(|e| match e.classify() {
-                serde_json::error::Category::Data => {
-                    ApiError::Unprocessable("invalid_body", e.to_string())
-                }
-                _ => ApiError::BadRequest(
-                    "invalid_json",
-                    format!("request body is not valid JSON: {e}"),
-                ),
-            })
+        from_json_bytes(&bytes).map(ApiJson)
     }
+}
+
+/// A JSON body already read: `{}` when empty, 400 when it is not JSON, 422 when it is
+/// JSON of the wrong shape.
+pub fn from_json_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes = if bytes.is_empty() { b"{}" } else { bytes };
+    // serde reads a struct from an array too (`[null, null]`); every body is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::Unprocessable(
+            "invalid_body",
+            "request body must be a JSON object".into(),
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::Unprocessable("invalid_body", e.to_string()),
+        _ => ApiError::BadRequest(
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        ),
+    })
 }
 
 /// Parses a path id; a malformed id names no resource, so it is a 404.

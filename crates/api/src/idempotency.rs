@@ -11,8 +11,8 @@
 use crate::error::ApiError;
 use crate::extract::{ApiJson, Org};
 use crate::AppState;
-use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Request, State};
+use axum::body::Bytes;
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -72,13 +72,13 @@ pub fn answer(claim: Claim) -> Result<Response, ApiError> {
     }
 }
 
-/// Parses `body` as the JSON of `T`, with the API's errors.
+/// Parses `body` as the JSON of `T`, with the API's errors. The body was read under
+/// the router's `DefaultBodyLimit`; parsing it here applies no second, smaller limit.
 pub async fn parse<T: serde::de::DeserializeOwned>(
-    state: &AppState,
+    _state: &AppState,
     body: Bytes,
 ) -> Result<T, ApiError> {
-    let ApiJson(v) = ApiJson::<T>::from_request(Request::new(Body::from(body)), state).await?;
-    Ok(v)
+    crate::extract::from_json_bytes(&body)
 }
 
 /// How long a repeat of a webhook creation waits for the first one's response.

@@ -153,6 +153,7 @@ fn describe(e: EventType) -> &'static str {
         EventType::JobScheduled => "A job's dependencies are done: it waits for an agent.",
         EventType::JobAssigned => "A job was handed to an agent.",
         EventType::JobStarted => "The agent started running the job.",
+        EventType::JobCanceling => "The job's build was canceled while an agent ran it: the agent learns it from its heartbeat's `cancel` list.",
         EventType::JobFinished => "A job ended: passed, failed, canceled or skipped.",
         EventType::AgentConnected => "An agent registered.",
         EventType::AgentLost => "An agent missed its heartbeats; its running jobs failed.",
@@ -169,6 +170,7 @@ fn schema(e: EventType) -> Value {
         EventType::JobScheduled
         | EventType::JobAssigned
         | EventType::JobStarted
+        | EventType::JobCanceling
         | EventType::JobFinished => {
             data(&["build", "job"], json!({"build": build(), "job": job()}))
         }

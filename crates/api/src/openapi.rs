@@ -385,8 +385,8 @@ Agent: `connected` → `lost` (no heartbeat for `agents.lost_after_s`, default 9
 
 **Events.** Every state change commits together with its event: `build.scheduled`, \
 `build.running`, `build.finished` (its build carries the final state), `job.scheduled`, \
-`job.assigned`, `job.started`, `job.finished`, `agent.connected`, `agent.lost`, \
-`agent.disconnected`. Webhook subscriptions match exact types and `prefix.*` patterns. \
+`job.assigned`, `job.started`, `job.canceling`, `job.finished`, `agent.connected`, \
+`agent.lost`, `agent.disconnected`, `webhook.disabled`. Webhook subscriptions match exact types and `prefix.*` patterns. \
 See `POST /v1/webhooks` for the delivery format (Standard Webhooks) and \
 `PUT /v1/pipelines/{slug}/github` for GitHub commit statuses.";
 
@@ -1471,7 +1471,7 @@ fn enum_schemas() -> Value {
         "EventType": {
             "type": "string",
             "enum": ["build.scheduled", "build.running", "build.finished", "job.scheduled",
-                     "job.assigned", "job.started", "job.finished", "agent.connected",
+                     "job.assigned", "job.started", "job.canceling", "job.finished", "agent.connected",
                      "agent.lost", "agent.disconnected", "webhook.disabled"],
         },
         "EventPattern": {
@@ -2326,7 +2326,7 @@ mod tests {
         );
         assert_eq!(
             schemas["EventType"]["enum"].as_array().map(Vec::len),
-            Some(11)
+            Some(herald_domain::EventType::ALL.len())
         );
         assert_eq!(
             schemas["CreateBuildRequest"]["properties"]["branch"]["default"],

@@ -18,6 +18,8 @@ pub enum EventType {
     JobAssigned,
     #[serde(rename = "job.started")]
     JobStarted,
+    #[serde(rename = "job.canceling")]
+    JobCanceling,
     #[serde(rename = "job.finished")]
     JobFinished,
     #[serde(rename = "agent.connected")]
@@ -38,6 +40,7 @@ impl EventType {
         EventType::JobScheduled,
         EventType::JobAssigned,
         EventType::JobStarted,
+        EventType::JobCanceling,
         EventType::JobFinished,
         EventType::AgentConnected,
         EventType::AgentLost,
@@ -53,6 +56,7 @@ impl EventType {
             EventType::JobScheduled => "job.scheduled",
             EventType::JobAssigned => "job.assigned",
             EventType::JobStarted => "job.started",
+            EventType::JobCanceling => "job.canceling",
             EventType::JobFinished => "job.finished",
             EventType::AgentConnected => "agent.connected",
             EventType::AgentLost => "agent.lost",

@@ -76,6 +76,7 @@ async fn an_agent_polling_heartbeats_stops_its_job_on_cancel() {
     let env = TestEnv::new().await;
     let mut app = env.start(ALL, &[]).await;
     let (api, reg) = org(&app, "acme").await;
+    let tap = EventTap::new(&env.prefix).await;
     let (agent, _) = agent(&app, &reg, "ci-1").await;
     let b = create(&api, json!([{"key": "a", "command": "sleep 600"}])).await;
     let id = take_job(&agent).await;
@@ -105,6 +106,32 @@ async fn an_agent_polling_heartbeats_stops_its_job_on_cancel() {
     })
     .await;
     wait_build_state(&api, &id_of(&b), "canceled", T).await;
+    // Each change has its event: job.canceling, then job.finished (canceled).
+    let job_events = |e: &[(String, String, Value)]| -> Vec<(String, String)> {
+        e.iter()
+            .filter(|(_, _, v)| v["data"]["job"]["id"] == id.to_string())
+            .map(|(_, t, v)| {
+                let state = v["data"]["job"]["state"].as_str().unwrap_or("").to_owned();
+                (t.clone(), state)
+            })
+            .collect()
+    };
+    let events = eventually(T, "the job's events", || async {
+        let e = job_events(&tap.snapshot());
+        e.iter().any(|(t, _)| t == "job.finished").then_some(e)
+    })
+    .await;
+    let tail: Vec<(&str, &str)> = events
+        .iter()
+        .skip_while(|(t, _)| t != "job.canceling")
+        .map(|(t, s)| (t.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(
+        tail,
+        vec![("job.canceling", "canceling"), ("job.finished", "canceled")],
+        "{events:?}"
+    );
+    tap.close().await;
     app.stop().await;
     env.cleanup().await;
 }

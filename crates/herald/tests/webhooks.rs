@@ -1257,6 +1257,22 @@ async fn the_event_catalog_s_schemas_accept_real_payloads_of_every_type() {
         json!([{"key": "a"}, {"key": "b", "depends_on": ["a"]}]),
     )
     .await;
+    // job.canceling: a running job whose build is canceled.
+    let b = api
+        .create_build("web", &build_body(json!([{"key": "c"}])))
+        .await
+        .expect("create");
+    let j = eventually(T, "a job", || async { agent.ping(1).await.expect("ping") }).await;
+    agent.job_call(j.id, "accept", None).await.expect("accept");
+    agent.job_call(j.id, "start", None).await.expect("start");
+    let (s, _) = call(
+        &api,
+        Method::POST,
+        &format!("/v1/builds/{}/cancel", id_of(&b)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
     // agent.lost: one that never heartbeats; agent.disconnected: one that leaves.
     let _ = common::agent(&app, &reg, "silent").await;
     let (leaving, _) = common::agent(&app, &reg, "leaving").await;

@@ -281,6 +281,7 @@ pub async fn cancel_build(
     .execute(&mut *conn)
     .await?;
     events::emit_for_jobs(conn, EventType::JobFinished, &canceled).await?;
+    events::emit_for_jobs(conn, EventType::JobCanceling, &canceling).await?;
     if !canceling.is_empty() {
         events::notify(conn, channels::CANCEL, "").await?;
     }

@@ -37,7 +37,9 @@
 #   HERALD_LOADTEST_DB        herald_loadtest                      database name
 #   HERALD_LOADTEST_LISTEN    127.0.0.1:18080                      Herald's API address
 #   HERALD_LOADTEST_OUT       /tmp/herald-loadtest                 server log, /metrics dump
-#   HERALD_LOADTEST_KEEP_QUEUES=1   do not purge the broker's loadtest.* queues first
+#   HERALD_LOADTEST_PREFIX    loadtest                             broker prefix (HERALD_AMQP__PREFIX):
+#                             another one lets two runs share a broker without sharing queues
+#   HERALD_LOADTEST_KEEP_QUEUES=1   do not purge the broker's <prefix>.* queues first
 #   HERALD_LOADTEST_NOTIFY_NICE=N   run the notify role in a second process at nice N
 #                                   (the first runs every other role)
 #   HERALD_LOADTEST_PROFILE   release                              or debug (faster to build)
@@ -79,8 +81,10 @@ REPLICA="${HERALD_LOADTEST_REPLICA:-postgres://postgres@127.0.0.1:5433}"
 DB="${HERALD_LOADTEST_DB:-herald_loadtest}"
 LISTEN="${HERALD_LOADTEST_LISTEN:-127.0.0.1:18080}"
 OUT="${HERALD_LOADTEST_OUT:-/tmp/herald-loadtest}"
+PREFIX="${HERALD_LOADTEST_PREFIX:-loadtest}"
 BASE_URL="http://${LISTEN}"
 [[ "$DB" =~ ^[a-z_][a-z0-9_]*$ ]] || die "HERALD_LOADTEST_DB must be a plain lower-case identifier"
+[[ "$PREFIX" =~ ^[a-z][a-z0-9_-]*$ ]] || die "HERALD_LOADTEST_PREFIX must be a plain lower-case name"
 mkdir -p "$OUT"
 
 # --- build --------------------------------------------------------------------------
@@ -122,13 +126,13 @@ if [[ "${HERALD_LOADTEST_KEEP_QUEUES:-0}" != 1 ]] && command -v rabbitmqctl >/de
     # shellcheck disable=SC2086 # the command may carry options (-n node)
     if queues="$($RABBITMQCTL list_queues -q --no-table-headers name messages 2>/dev/null)"; then
         while read -r q n; do
-            [[ "$q" == loadtest.* && "${n:-0}" != 0 ]] || continue
+            [[ "$q" == "${PREFIX}".* && "${n:-0}" != 0 ]] || continue
             log "purging ${n} messages of an earlier run from broker queue ${q}"
             # shellcheck disable=SC2086
             $RABBITMQCTL purge_queue -q "$q" >/dev/null 2>&1 || log "warning: could not purge queue ${q}"
         done <<<"$queues"
     else
-        log "warning: rabbitmqctl list_queues failed; leaving the loadtest.* queues as they are"
+        log "warning: rabbitmqctl list_queues failed; leaving the ${PREFIX}.* queues as they are"
     fi
 fi
 
@@ -136,7 +140,7 @@ fi
 ADMIN_TOKEN="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
 export HERALD_DATABASE__PRIMARY_URL="${PRIMARY}/${DB}"
 export HERALD_DATABASE__REPLICA_URL="${REPLICA}/${DB}"
-export HERALD_AMQP__PREFIX=loadtest
+export HERALD_AMQP__PREFIX="$PREFIX"
 export HERALD_HTTP__LISTEN="$LISTEN"
 export HERALD_AUTH__ADMIN_TOKEN="$ADMIN_TOKEN"
 export HERALD_LOG__FILTER=warn

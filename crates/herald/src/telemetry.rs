@@ -38,6 +38,20 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> anyhow::Result<()> 
 
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.filter));
+    let endpoint = telemetry.otlp_endpoint.trim();
+    if endpoint.is_empty() {
+        // No exporter: the log filter stays global, so disabled call sites cost nothing.
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        let _ = if log.json {
+            builder.json().try_init()
+        } else {
+            builder.try_init()
+        };
+        return Ok(());
+    }
+    let otel = otel_layer(endpoint, &telemetry.service_name)?;
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // The log filter applies to the log only: the trace keeps Herald's spans whatever
     // the log level.
@@ -46,18 +60,12 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> anyhow::Result<()> 
     } else {
         fmt.with_filter(filter).boxed()
     };
-    let otel = match telemetry.otlp_endpoint.trim() {
-        "" => None,
-        endpoint => Some(otel_layer(endpoint, &telemetry.service_name)?),
-    };
-    let on = otel.is_some();
-    // A second init (tests that start the app twice) keeps the first subscriber.
+    // A second init keeps the first subscriber, and propagation as it was.
     if tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
         .try_init()
         .is_ok()
-        && on
     {
         herald_trace::enable();
     }

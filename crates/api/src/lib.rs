@@ -276,6 +276,36 @@ fn finish(router: Router) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .layer(axum::middleware::from_fn(json_errors::rewrite))
         .layer(axum::middleware::from_fn(routes::health::track))
+        .layer(axum::middleware::from_fn(trace_request))
+}
+
+/// With traces on, each request runs in a span of its own (a child of the caller's
+/// `traceparent`, if it sent one), so the events it writes carry the request's trace.
+async fn trace_request(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+    if !herald_trace::enabled() {
+        return next.run(req).await;
+    }
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().as_str().to_owned();
+    let span = tracing::info_span!("request", otel.name = %format!("{method} {route}"),
+        otel.kind = "server", http.request.method = %method, http.route = %route,
+        http.response.status_code = tracing::field::Empty);
+    let parent = req
+        .headers()
+        .get(herald_trace::HEADER)
+        .and_then(|v| v.to_str().ok());
+    herald_trace::set_parent(&span, parent);
+    let res = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", res.status().as_u16());
+    res
 }
 
 /// The whole API, with the health endpoints.

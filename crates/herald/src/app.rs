@@ -279,8 +279,17 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
         tasks.push(liveness.watch(
             "role:dispatch",
             tokio::spawn(async move {
-                let handler = move |msg| {
+                let handler = move |msg: herald_bus::Incoming| {
+                    use tracing::Instrument;
+                    // The events propagation writes (build.running, build.finished)
+                    // join the trace of the event that moved the build.
+                    let span = herald_trace::span(|| {
+                        tracing::info_span!("propagate", otel.kind = "consumer",
+                            event.r#type = %msg.routing_key)
+                    });
+                    herald_trace::set_parent(&span, herald_trace::from_headers(&msg.headers));
                     herald_dispatch::propagation::handle(pool.clone(), waker.clone(), msg)
+                        .instrument(span)
                 };
                 if let Err(e) = herald_bus::run_consumer(b, spec, c, handler).await {
                     tracing::error!(error = %e, "propagation consumer failed");

@@ -26,6 +26,7 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub notify: herald_notify::NotifySettings,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +78,13 @@ pub struct WebhooksConfig {
 pub struct LogConfig {
     pub filter: String,
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP collector's base URL; empty exports no traces.
+    pub otlp_endpoint: String,
+    pub service_name: String,
 }
 
 impl Config {
@@ -175,6 +183,10 @@ impl Config {
                 bail!("invalid configuration: {key} must be a positive number");
             }
         }
+        let otlp = self.telemetry.otlp_endpoint.trim();
+        if !(otlp.is_empty() || otlp.starts_with("http://") || otlp.starts_with("https://")) {
+            bail!("invalid configuration: telemetry.otlp_endpoint must be an http:// or https:// URL, or empty");
+        }
         if !(1..=86_400).contains(&self.jobs.default_timeout_s) {
             bail!("invalid configuration: jobs.default_timeout_s must be 1-86400");
         }
@@ -220,6 +232,8 @@ mod tests {
         assert_eq!(c.agents.lost_after_s, 90.0);
         assert_eq!(c.jobs.default_timeout_s, 3600);
         assert_eq!(c.jobs.cancel_grace_s, 60.0);
+        assert_eq!(c.telemetry.otlp_endpoint, "");
+        assert_eq!(c.telemetry.service_name, "herald");
     }
 
     #[test]
@@ -298,5 +312,14 @@ mod tests {
         let c = Config::load_from(None, &env(&[("HERALD_NOTIFY__WORKER_THREADS", "0")]))
             .expect("0 shares the process's runtime");
         assert_eq!(c.notify.worker_threads, 0);
+        let err = Config::load_from(
+            None,
+            &env(&[("HERALD_TELEMETRY__OTLP_ENDPOINT", "127.0.0.1:4318")]),
+        )
+        .expect_err("no scheme");
+        assert!(
+            format!("{err:#}").contains("telemetry.otlp_endpoint"),
+            "{err:#}"
+        );
     }
 }

@@ -18,7 +18,6 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    herald::telemetry::logging(&cfg.log.filter, cfg.log.json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -29,7 +28,21 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, cfg)) {
+    // Inside the runtime: the trace exporter sends from a task on it.
+    let init = {
+        let _rt = runtime.enter();
+        herald::telemetry::init(&cfg.log, &cfg.telemetry)
+    };
+    if let Err(e) = init {
+        eprintln!("herald: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    let result = runtime.block_on(async {
+        let r = run(cli.command, cfg).await;
+        herald::telemetry::shutdown().await;
+        r
+    });
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald: {e:#}");

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 type Pending = (AttemptRecord, oneshot::Sender<bool>);
@@ -209,10 +210,12 @@ pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
             .collect(),
         Mode::Enabled => {
             let b = &batch;
+            let parent = herald_trace::from_headers(&msg.headers);
             futures::future::join_all(b.deliveries.iter().map(|d| {
                 let n = &n;
+                let span = attempt_span(b, d, parent);
                 async move {
-                    match attempt(n, b, d).await {
+                    match attempt(n, b, d).instrument(span).await {
                         Ok(rec) => rec,
                         Err(e) => {
                             tracing::warn!(error = %e, delivery = %d.delivery_id, "delivery failed before sending; retrying soon");
@@ -233,6 +236,18 @@ pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
     } else {
         Outcome::Requeue
     }
+}
+
+/// One delivery attempt's span, a child of the fan-out's when the message carried its
+/// context; its status code is recorded once the receiver answered.
+fn attempt_span(b: &DeliveryBatch, d: &BatchedDelivery, parent: Option<&str>) -> tracing::Span {
+    let span = herald_trace::span(|| {
+        tracing::info_span!("webhook delivery attempt", otel.kind = "client",
+            event.id = %b.event_id, webhook.id = %d.webhook_id, delivery.id = %d.delivery_id,
+            attempt = d.attempts + 1, http.response.status_code = tracing::field::Empty)
+    });
+    herald_trace::set_parent(&span, parent);
+    span
 }
 
 async fn attempt(
@@ -278,6 +293,9 @@ async fn attempt(
         )
         .await;
     let made = u32::try_from(d.attempts.max(0)).unwrap_or(0) + 1;
+    if let Some(code) = a.status_code {
+        tracing::Span::current().record("http.response.status_code", code);
+    }
     let (status, next) = match &a.outcome {
         HttpOutcome::Success => ("succeeded", None),
         HttpOutcome::Gone => {

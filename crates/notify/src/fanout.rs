@@ -12,6 +12,7 @@ use herald_storage::notify::{self as store, WantedStatus};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 use uuid::Uuid;
 
 pub async fn handle(n: Arc<Notifier>, msg: Incoming) -> Outcome {
@@ -37,7 +38,15 @@ pub async fn handle(n: Arc<Notifier>, msg: Incoming) -> Outcome {
         return Outcome::DeadLetter;
     };
     let _slot = n.fanout_slots.acquire().await;
-    match fan_out(&n, &event, event_id, org, kind).await {
+    let span = herald_trace::span(|| {
+        tracing::info_span!("fanout", otel.kind = "consumer", event.id = %event_id,
+            event.r#type = kind.as_str())
+    });
+    herald_trace::set_parent(&span, herald_trace::from_headers(&msg.headers));
+    match fan_out(&n, &event, event_id, org, kind)
+        .instrument(span)
+        .await
+    {
         // Stopping while waiting for room: hand the event back untouched.
         Ok(false) => Outcome::Requeue,
         Ok(true) => {
@@ -217,7 +226,11 @@ async fn fan_out(
             let msgs: Vec<OutgoingMessage> =
                 DeliveryBatch::for_event(event_id, kind.as_str(), &raw, &work)
                     .iter()
-                    .map(|b| b.to_message(&queue))
+                    .map(|b| {
+                        let mut m = b.to_message(&queue);
+                        herald_trace::inject(&mut m.headers);
+                        m
+                    })
                     .collect();
             n.publisher.publish_batch("", &msgs).await?;
             published_deliveries(n, msgs.len(), work.len());

@@ -151,19 +151,32 @@ async fn relay_loop(
             }
             continue;
         }
+        // One span per traced event, open until the broker confirmed the batch.
+        let mut spans = Vec::new();
         let msgs: Vec<OutgoingMessage> = rows
             .iter()
-            .map(|r| OutgoingMessage {
-                routing_key: r.event_type.clone(),
-                message_id: r.event_id.to_string(),
-                body: serde_json::to_vec(&r.payload).unwrap_or_default(),
-                headers: r
+            .map(|r| {
+                let mut headers: Vec<(String, String)> = r
                     .build_id
                     .map(|b| vec![("build_id".to_owned(), b.to_string())])
-                    .unwrap_or_default(),
+                    .unwrap_or_default();
+                if let Some(tp) = r.traceparent.as_deref() {
+                    headers.push((
+                        herald_trace::HEADER.to_owned(),
+                        publish_span(r, tp, &mut spans),
+                    ));
+                }
+                OutgoingMessage {
+                    routing_key: r.event_type.clone(),
+                    message_id: r.event_id.to_string(),
+                    body: serde_json::to_vec(&r.payload).unwrap_or_default(),
+                    headers,
+                }
             })
             .collect();
-        match publisher.publish_events(&msgs).await {
+        let published = publisher.publish_events(&msgs).await;
+        drop(spans);
+        match published {
             Ok(()) => {
                 broker_backoff = Duration::from_millis(100);
                 if confirmed.is_empty() {
@@ -183,6 +196,20 @@ async fn relay_loop(
             }
         }
     }
+}
+
+/// Opens the publish span of a traced event, child of the writer's span, and returns
+/// the `traceparent` the message carries on: its own, or the writer's as it was when
+/// this process exports no traces.
+fn publish_span(row: &outbox::OutboxRow, writer: &str, spans: &mut Vec<tracing::Span>) -> String {
+    let span = herald_trace::span(|| {
+        tracing::info_span!("outbox publish", otel.kind = "producer",
+            event.id = %row.event_id, event.r#type = %row.event_type)
+    });
+    herald_trace::set_parent(&span, Some(writer));
+    let own = herald_trace::of(&span);
+    spans.push(span);
+    own.unwrap_or_else(|| writer.to_owned())
 }
 
 async fn listen(pool: PgPool, local: LocalWakes, wake: Arc<Notify>, cancel: CancellationToken) {

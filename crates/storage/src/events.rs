@@ -73,9 +73,10 @@ pub async fn insert_quiet(
     }
     let rows = outbox_rows(events);
     rows.bind_to(sqlx::query(
-        "INSERT INTO outbox (event_id, event_type, org_id, build_id, payload) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::jsonb[])",
+        "INSERT INTO outbox (event_id, event_type, org_id, build_id, payload, traceparent) \
+         SELECT u.*, $6::text FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::jsonb[]) u",
     ))
+    .bind(rows.trace.as_deref())
     .execute(&mut *conn)
     .await
     .map(|_| ())
@@ -88,12 +89,16 @@ pub(crate) struct OutboxRows {
     pub orgs: Vec<Uuid>,
     pub builds: Vec<Option<Uuid>>,
     pub payloads: Vec<serde_json::Value>,
+    /// The caller's `traceparent`, one for all (they share the caller's span); None
+    /// when the process exports no traces.
+    pub trace: Option<String>,
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 impl OutboxRows {
-    /// Binds the five columns, in this order, as the statement's next parameters.
+    /// Binds the five columns, in this order, as the statement's next parameters
+    /// (`trace` is the caller's to bind, where its statement writes it).
     pub(crate) fn bind_to<'q>(&'q self, q: PgQuery<'q>) -> PgQuery<'q> {
         q.bind(&self.ids)
             .bind(&self.types)
@@ -111,6 +116,7 @@ pub(crate) fn outbox_rows(events: Vec<NewEvent>) -> OutboxRows {
         orgs: Vec::with_capacity(events.len()),
         builds: Vec::with_capacity(events.len()),
         payloads: Vec::with_capacity(events.len()),
+        trace: herald_trace::current(),
     };
     for e in events {
         let id = Uuid::now_v7();

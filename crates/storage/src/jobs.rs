@@ -181,12 +181,13 @@ pub async fn apply_call(
                  UPDATE jobs AS j SET state = $9, {set}, updated_at = $4 \
                  WHERE j.id = $1 AND j.agent_id = $2 AND j.state = $3 RETURNING j.id), \
              ev AS ( \
-                 INSERT INTO outbox (event_id, event_type, org_id, build_id, payload) \
-                 SELECT * FROM unnest($5::uuid[], $6::text[], $7::uuid[], $8::uuid[], $11::jsonb[]) \
+                 INSERT INTO outbox (event_id, event_type, org_id, build_id, payload, traceparent) \
+                 SELECT u.*, $12::text FROM unnest($5::uuid[], $6::text[], $7::uuid[], $8::uuid[], $11::jsonb[]) u \
                  WHERE EXISTS (SELECT 1 FROM upd)) \
              SELECT count(*) AS n FROM upd"
         );
-        // $5-$8 and $11 are the event's columns: ids, types, orgs, builds, payloads.
+        // $5-$8, $11 and $12 are the event's columns: ids, types, orgs, builds,
+        // payloads and the agent's request's traceparent.
         let changed: i64 = sqlx::query(&sql)
             .bind(job_id)
             .bind(agent_id)
@@ -202,6 +203,7 @@ pub async fn apply_call(
                 _ => None,
             })
             .bind(&ev.payloads)
+            .bind(ev.trace.as_deref())
             .fetch_one(&mut *conn)
             .await?
             .try_get("n")?;

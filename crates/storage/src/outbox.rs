@@ -12,6 +12,8 @@ pub struct OutboxRow {
     pub event_type: String,
     pub build_id: Option<Uuid>,
     pub payload: serde_json::Value,
+    /// The writer's W3C `traceparent`, when it exported traces.
+    pub traceparent: Option<String>,
 }
 
 /// Reads the next batch of unpublished rows other than `confirmed` (the broker has
@@ -28,7 +30,7 @@ pub async fn mark_and_fetch(
         "WITH marked AS ( \
              UPDATE outbox SET published_at = now() \
              WHERE $2 AND id = ANY($1) AND published_at IS NULL) \
-         SELECT id, event_id, event_type, build_id, payload FROM outbox \
+         SELECT id, event_id, event_type, build_id, payload, traceparent FROM outbox \
          WHERE published_at IS NULL AND id <> ALL($1) ORDER BY id LIMIT $3",
     )
     .bind(confirmed)
@@ -44,6 +46,7 @@ pub async fn mark_and_fetch(
                 event_type: r.try_get("event_type")?,
                 build_id: r.try_get("build_id")?,
                 payload: r.try_get("payload")?,
+                traceparent: r.try_get("traceparent")?,
             })
         })
         .collect()

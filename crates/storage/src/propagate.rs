@@ -39,8 +39,8 @@ WITH upd AS ( \
     WHERE j.id = v.id AND j.state = 'waiting' \
     RETURNING j.id), \
 ev AS ( \
-    INSERT INTO outbox (event_id, event_type, org_id, build_id, payload) \
-    SELECT e.event_id, e.event_type, e.org_id, e.build_id, e.payload \
+    INSERT INTO outbox (event_id, event_type, org_id, build_id, payload, traceparent) \
+    SELECT e.event_id, e.event_type, e.org_id, e.build_id, e.payload, $10::text \
     FROM unnest($4::uuid[], $5::uuid[], $6::text[], $7::uuid[], $8::uuid[], $9::jsonb[]) \
          WITH ORDINALITY AS e(job_id, event_id, event_type, org_id, build_id, payload, ord) \
     WHERE e.job_id IS NULL OR e.job_id IN (SELECT id FROM upd) \
@@ -166,6 +166,7 @@ pub async fn propagate_build(
                 .bind(runnable_at)
                 .bind(&event_jobs),
         )
+        .bind(ev.trace.as_deref())
         .fetch_all(&mut *conn)
         .await?
         .iter()

@@ -111,6 +111,11 @@ async fn spawn_receiver(
     let app = Router::new()
         .route("/hook", post(receive))
         .with_state(r.clone());
+    (serve_hook(app).await, r)
+}
+
+/// Serves `app` on a port of its own; returns the URL of its `/hook`.
+async fn serve_hook(app: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -118,7 +123,7 @@ async fn spawn_receiver(
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    (format!("http://{addr}/hook"), r)
+    format!("http://{addr}/hook")
 }
 
 fn ok_always(_: &str, _: usize) -> (u16, Vec<(&'static str, String)>) {
@@ -1139,16 +1144,12 @@ async fn copies_of_a_delivery_in_flight_or_answered_2xx_are_not_sent_again() {
         seen: Arc::default(),
         release,
     };
-    let router = Router::new()
-        .route("/hook", post(hold))
-        .with_state(r.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    let url = serve_hook(
+        Router::new()
+            .route("/hook", post(hold))
+            .with_state(r.clone()),
+    )
+    .await;
     let (s, hook) = call(
         &api,
         Method::POST,
@@ -1251,8 +1252,9 @@ async fn copies_of_a_delivery_in_flight_or_answered_2xx_are_not_sent_again() {
         (twice() || n >= 2.0).then_some(())
     })
     .await;
+    let requests = r.seen.lock().expect("lock").get(&webhook_id).copied();
     assert_eq!(
-        r.seen.lock().expect("lock").get(&webhook_id).copied(),
+        requests,
         Some(1),
         "the delivery reached the receiver more than once"
     );

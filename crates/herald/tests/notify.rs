@@ -1171,7 +1171,7 @@ async fn copies_of_a_delivery_in_flight_or_answered_2xx_are_not_sent_again() {
     let twice = || r.seen.lock().expect("lock").get(&webhook_id).copied() > Some(1);
     // Longer than a claim lasts unless its worker renews it: the scheduler would send a
     // delivery whose claim ran out.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(Duration::from_secs(18)).await;
     let (msg_id, key, event) = eventually(T, "build.scheduled on the tap", || async {
         tap.snapshot().into_iter().find(|(_, k, e)| {
             k.starts_with("build.scheduled") && e["data"]["build"]["id"] == build_id.as_str()

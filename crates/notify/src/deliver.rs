@@ -159,10 +159,12 @@ fn record(d: &BatchedDelivery, status: &str) -> AttemptRecord {
 /// could not be read): the scheduler hands it back then.
 const NOT_TRIED_DELAY: chrono::Duration = chrono::Duration::seconds(2);
 
-/// How long a claim keeps other copies of a message from sending its deliveries. Short,
-/// because a worker killed holding one delays its deliveries by that much (the row comes
-/// due when it ends); renewed every [`RENEW_EVERY`] while the attempts run.
-const LEASE: Duration = Duration::from_secs(5);
+/// How long a claim keeps other copies of a message from sending its deliveries,
+/// renewed every [`RENEW_EVERY`] while the attempts run. A worker killed holding one
+/// delays its deliveries by that much (the row comes due when it ends); a holder whose
+/// renewals stall longer (the database slow or away) may see another copy sent. 5 s
+/// was too short for a loaded database in the chaos run (renewals 4-8 s apart).
+const LEASE: Duration = Duration::from_secs(15);
 const RENEW_EVERY: Duration = Duration::from_secs(1);
 
 /// One message: an event's deliveries, each sent on its own (within the type's

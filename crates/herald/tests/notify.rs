@@ -111,6 +111,11 @@ async fn spawn_receiver(
     let app = Router::new()
         .route("/hook", post(receive))
         .with_state(r.clone());
+    (serve_hook(app).await, r)
+}
+
+/// Serves `app` on a port of its own; returns the URL of its `/hook`.
+async fn serve_hook(app: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -118,7 +123,7 @@ async fn spawn_receiver(
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    (format!("http://{addr}/hook"), r)
+    format!("http://{addr}/hook")
 }
 
 fn ok_always(_: &str, _: usize) -> (u16, Vec<(&'static str, String)>) {
@@ -1099,6 +1104,166 @@ async fn history_expiry_removes_old_deliveries_their_attempts_and_their_bodies()
             "{table} emptied"
         );
     }
+    app.stop().await;
+    env.cleanup().await;
+}
+
+/// Counts requests per webhook-id and holds each until `release` turns true, then
+/// answers 204.
+#[derive(Clone)]
+struct Holding {
+    seen: Arc<Mutex<HashMap<String, usize>>>,
+    release: tokio::sync::watch::Receiver<bool>,
+}
+
+async fn hold(State(r): State<Holding>, headers: HeaderMap) -> StatusCode {
+    let id = headers
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    *r.seen.lock().expect("lock").entry(id).or_default() += 1;
+    let mut release = r.release.clone();
+    let _ = release.wait_for(|go| *go).await;
+    StatusCode::NO_CONTENT
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copies_of_a_delivery_in_flight_or_answered_2xx_are_not_sent_again() {
+    let env = TestEnv::new().await;
+    let tap = EventTap::new(&env.prefix).await;
+    let mut app = env
+        .start(
+            "api,relay,dispatch,notify,maintenance",
+            &[PRIVATE_OK, ("HERALD_NOTIFY__WEBHOOK_TIMEOUT_S", "60")],
+        )
+        .await;
+    let (api, _) = org(&app, "acme").await;
+    let (go, release) = tokio::sync::watch::channel(false);
+    let r = Holding {
+        seen: Arc::default(),
+        release,
+    };
+    let url = serve_hook(
+        Router::new()
+            .route("/hook", post(hold))
+            .with_state(r.clone()),
+    )
+    .await;
+    let (s, hook) = call(
+        &api,
+        Method::POST,
+        "/v1/webhooks",
+        Some(json!({"url": url, "events": ["build.scheduled"]})),
+    )
+    .await;
+    assert_eq!(s, 201, "{hook}");
+    let b = api
+        .create_build("web", &build_body(json!([{"key": "a"}])))
+        .await
+        .expect("create build");
+    let build_id = b["id"].as_str().expect("id").to_owned();
+    // The delivery is in flight: the receiver holds its request.
+    let webhook_id = eventually(T, "the first request", || async {
+        r.seen.lock().expect("lock").keys().next().cloned()
+    })
+    .await;
+    let twice = || r.seen.lock().expect("lock").get(&webhook_id).copied() > Some(1);
+    // Longer than a claim lasts unless its worker renews it: the scheduler would send a
+    // delivery whose claim ran out.
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    let (msg_id, key, event) = eventually(T, "build.scheduled on the tap", || async {
+        tap.snapshot().into_iter().find(|(_, k, e)| {
+            k.starts_with("build.scheduled") && e["data"]["build"]["id"] == build_id.as_str()
+        })
+    })
+    .await;
+    let cfg = herald_bus::BusConfig::new(amqp_url(), env.prefix.clone());
+    let publisher = herald_bus::Publisher::new(cfg.clone())
+        .await
+        .expect("publisher");
+
+    // 1. The event again, as a relay that died before marking it published sends it:
+    // the fan-out runs again over a delivery that is in flight.
+    let events = "herald_notify_events_total";
+    publisher
+        .publish_events(&[herald_bus::OutgoingMessage {
+            routing_key: key,
+            message_id: msg_id,
+            body: serde_json::to_vec(&event).expect("body"),
+            headers: Vec::new(),
+        }])
+        .await
+        .expect("publish the event again");
+    eventually(T, "the fan-out to handle the copy of the event", || async {
+        let outbox = env.count("SELECT count(*) FROM outbox").await as f64;
+        let handled = metric(&app, events).await.unwrap_or(0.0);
+        (twice() || handled > outbox).then_some(())
+    })
+    .await;
+
+    // 2. The delivery message itself again, fresh (not flagged redelivered).
+    let copy = herald_bus::OutgoingMessage {
+        routing_key: cfg.names().delivery_queue("webhook"),
+        message_id: format!("copy:{webhook_id}"),
+        body: serde_json::to_vec(&json!({
+            "event_id": event["id"],
+            "event_type": "build.scheduled",
+            "payload": {
+                "type": "build.scheduled",
+                "timestamp": event["timestamp"],
+                "data": event["data"],
+            },
+            "deliveries": [{"delivery_id": webhook_id, "webhook_id": hook["id"], "attempts": 0}],
+        }))
+        .expect("body"),
+        headers: Vec::new(),
+    };
+    let dropped = "herald_notify_copies_dropped_total{type=\"webhook\"}";
+    publisher
+        .publish_batch("", std::slice::from_ref(&copy))
+        .await
+        .expect("publish the delivery again");
+    eventually(T, "the copy of the delivery to be handled", || async {
+        let n = metric(&app, dropped).await.unwrap_or(0.0);
+        (twice() || n >= 1.0).then_some(())
+    })
+    .await;
+
+    // The first request answers 2xx.
+    let _ = go.send(true);
+    let d = eventually(T, "the delivery to succeed", || async {
+        deliveries(&api, &hook)
+            .await
+            .into_iter()
+            .find(|d| d["status"] == "succeeded")
+    })
+    .await;
+    assert_eq!(d["id"].as_str(), Some(webhook_id.as_str()));
+    assert_eq!(d["attempts"], 1, "{d}");
+
+    // 3. A copy after the 2xx.
+    publisher
+        .publish_batch("", &[copy])
+        .await
+        .expect("publish the delivery after its 2xx");
+    eventually(T, "the late copy to be handled", || async {
+        let n = metric(&app, dropped).await.unwrap_or(0.0);
+        (twice() || n >= 2.0).then_some(())
+    })
+    .await;
+    let requests = r.seen.lock().expect("lock").get(&webhook_id).copied();
+    assert_eq!(
+        requests,
+        Some(1),
+        "the delivery reached the receiver more than once"
+    );
+    let d = deliveries(&api, &hook).await;
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0]["attempts"], 1, "{d:?}");
+
+    publisher.close().await;
+    tap.close().await;
     app.stop().await;
     env.cleanup().await;
 }

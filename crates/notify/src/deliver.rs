@@ -147,6 +147,7 @@ fn record(d: &BatchedDelivery, status: &str) -> AttemptRecord {
         webhook_id: d.webhook_id,
         status: status.to_owned(),
         attempted: false,
+        attempts_before: d.attempts,
         next_attempt_at: None,
         status_code: None,
         error: None,
@@ -159,36 +160,79 @@ fn record(d: &BatchedDelivery, status: &str) -> AttemptRecord {
 /// could not be read): the scheduler hands it back then.
 const NOT_TRIED_DELAY: chrono::Duration = chrono::Duration::seconds(2);
 
+/// How long a claim keeps other copies of a message from sending its deliveries,
+/// renewed every [`RENEW_EVERY`] while the attempts run. A worker killed holding one
+/// delays its deliveries by that much (the row comes due when it ends); a holder whose
+/// renewals stall longer (the database slow or away) may see another copy sent. 5 s
+/// was too short for a loaded database in the chaos run (renewals 4-8 s apart).
+const LEASE: Duration = Duration::from_secs(15);
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+
 /// One message: an event's deliveries, each sent on its own (within the type's
 /// concurrency and the rate limits), all results committed before the ack.
+///
+/// Any message may be a copy (the relay, the fan-out and the broker are
+/// at-least-once): only the worker that claims a delivery sends it. A delivery another
+/// worker holds, or that was attempted already, is dropped from the message: its holder
+/// records it, or, if the holder died, its claim runs out and the scheduler sends it.
 pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
     let Some(mut batch) = DeliveryBatch::parse(&msg.body) else {
         return Outcome::DeadLetter;
     };
-    if msg.redelivered || batch.recheck {
-        // Some may have been sent before a crash (or the scheduler published this
-        // again after one); the rows know.
-        let items: Vec<(Uuid, i32)> = batch
-            .deliveries
-            .iter()
-            .map(|d| (d.delivery_id, d.attempts))
-            .collect();
-        let open = async {
-            let mut conn = n.pool.acquire().await?;
-            store::still_to_attempt(&mut conn, &items, batch.recheck).await
-        };
-        match open.await {
-            Ok(open) => batch.deliveries.retain(|d| open.contains(&d.delivery_id)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read redelivered deliveries; requeueing");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return Outcome::Requeue;
-            }
+    let items: Vec<(Uuid, i32)> = batch
+        .deliveries
+        .iter()
+        .map(|d| (d.delivery_id, d.attempts))
+        .collect();
+    let claimed = async {
+        let mut conn = n.pool.acquire().await?;
+        store::claim_deliveries(&mut conn, &items, LEASE).await
+    };
+    let mine = match claimed.await {
+        Ok(mine) => mine,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot claim deliveries; requeueing");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Outcome::Requeue;
         }
-        if batch.deliveries.is_empty() {
-            return Outcome::Ack;
-        }
+    };
+    if mine.len() < items.len() {
+        metrics::counter!("herald_notify_copies_dropped_total", "type" => "webhook")
+            .increment((items.len() - mine.len()) as u64);
     }
+    batch.deliveries.retain(|d| mine.contains(&d.delivery_id));
+    if batch.deliveries.is_empty() {
+        return Outcome::Ack;
+    }
+    tokio::select! {
+        out = attempt_and_record(&n, &batch) => out,
+        () = keep_claimed(&n, &mine) => Outcome::Requeue,
+    }
+}
+
+/// Renews the claims on `ids` until dropped (when their results are recorded).
+async fn keep_claimed(n: &Notifier, ids: &[Uuid]) {
+    let mut wait = RENEW_EVERY;
+    loop {
+        tokio::time::sleep(wait).await;
+        let renewed = async {
+            let mut conn = n.pool.acquire().await?;
+            store::renew_claims(&mut conn, ids, LEASE).await
+        };
+        wait = match renewed.await {
+            Ok(_) => RENEW_EVERY,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew delivery claims; trying again");
+                Duration::from_millis(250)
+            }
+        };
+    }
+}
+
+/// Sends the claimed deliveries of `batch` and records their results. A write that
+/// fails is tried again while the claim is renewed: requeued, the message's results
+/// would be lost and the delivery sent again after its 2xx.
+async fn attempt_and_record(n: &Arc<Notifier>, batch: &DeliveryBatch) -> Outcome {
     let records: Vec<AttemptRecord> = match n.controls.mode("webhook") {
         Mode::Disabled => {
             metrics::counter!("herald_notify_skipped_total", "type" => "webhook")
@@ -231,10 +275,15 @@ pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
             .await
         }
     };
-    if n.writer.record_all(records).await {
-        Outcome::Ack
-    } else {
-        Outcome::Requeue
+    loop {
+        if n.writer.record_all(records.clone()).await {
+            return Outcome::Ack;
+        }
+        // Stopping: the claim runs out and the scheduler sends these again.
+        if n.stopping.is_cancelled() {
+            return Outcome::Requeue;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -323,6 +372,7 @@ async fn attempt(
         webhook_id: d.webhook_id,
         status: status.to_owned(),
         attempted: true,
+        attempts_before: d.attempts,
         next_attempt_at: next
             .and_then(|d| chrono::Duration::from_std(d).ok())
             .map(|d| Utc::now() + d),

@@ -84,11 +84,6 @@ pub struct DeliveryBatch {
     /// written out again for each of an event's endpoints.
     pub payload: Box<serde_json::value::RawValue>,
     pub deliveries: Vec<BatchedDelivery>,
-    /// Published by the scheduler from rows in PostgreSQL: a crash between its publish
-    /// and its mark can publish a row twice, so the worker reads the rows first (one
-    /// query per message, off the fan-out's hot path).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub recheck: bool,
 }
 
 /// One delivery of a [`DeliveryBatch`].
@@ -96,8 +91,8 @@ pub struct DeliveryBatch {
 pub struct BatchedDelivery {
     pub delivery_id: Uuid,
     pub webhook_id: Uuid,
-    /// Attempts made before this one: a redelivered message whose row counts more
-    /// was attempted already.
+    /// Attempts made before this one: a copy of the message whose row counts more was
+    /// attempted already.
     pub attempts: i32,
 }
 
@@ -144,7 +139,6 @@ impl DeliveryBatch {
                         attempts: w.attempts,
                     })
                     .collect(),
-                recheck: false,
             })
             .collect()
     }
@@ -165,12 +159,7 @@ impl DeliveryBatch {
             .into_iter()
             .flat_map(|(event_id, work)| {
                 let body = raw_body(&work[0].payload);
-                let mut batches =
-                    DeliveryBatch::for_event(event_id, &work[0].event_type, &body, &work);
-                for b in &mut batches {
-                    b.recheck = true;
-                }
-                batches
+                DeliveryBatch::for_event(event_id, &work[0].event_type, &body, &work)
             })
             .collect()
     }
@@ -190,7 +179,6 @@ impl DeliveryBatch {
                 webhook_id: one.webhook_id,
                 attempts: one.attempts,
             }],
-            recheck: true,
         })
     }
 

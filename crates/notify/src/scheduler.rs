@@ -89,6 +89,11 @@ async fn lead(
     }
 }
 
+/// How long a delivery handed to the broker waits for a worker's claim before the
+/// scheduler publishes it again (a copy is dropped by the claim; a row whose publish was
+/// lost is sent).
+const REPUBLISH_AFTER: Duration = Duration::from_secs(30);
+
 /// How soon a recover waiting for room in the webhook queue looks again.
 const RECOVER_RECHECK: Duration = Duration::from_millis(250);
 
@@ -114,6 +119,7 @@ async fn pass(
                         webhook_id: w.webhook_id,
                         status: "skipped".into(),
                         attempted: false,
+                        attempts_before: w.attempts,
                         next_attempt_at: None,
                         status_code: None,
                         error: Some("notification type disabled".into()),
@@ -123,21 +129,34 @@ async fn pass(
                     .collect();
                 store::record_attempts(session, &skipped).await?;
             } else if !rows.is_empty() {
+                // Marked before they are published, so a message never finds its row
+                // still due (a worker's claim takes it from there); marked rows that
+                // are not published come due again after REPUBLISH_AFTER.
+                let marks: Vec<_> = rows.iter().map(|(w, at)| (w.id, *at)).collect();
+                let (marked, until) =
+                    store::mark_enqueued(session, &marks, REPUBLISH_AFTER).await?;
+                let marked: std::collections::HashSet<_> = marked.into_iter().collect();
                 let queue = n.names.delivery_queue("webhook");
-                let work: Vec<_> = rows.iter().map(|(w, _)| w).collect();
+                let work: Vec<_> = rows
+                    .iter()
+                    .map(|(w, _)| w)
+                    .filter(|w| marked.contains(&w.id))
+                    .collect();
                 let msgs: Vec<_> = DeliveryBatch::from_work(&work)
                     .iter()
                     .map(|b| b.to_message(&queue))
                     .collect();
                 if let Err(e) = n.publisher.publish_batch("", &msgs).await {
                     tracing::warn!(error = %e, "cannot hand due deliveries to the broker");
+                    if let Some(until) = until {
+                        let ids: Vec<_> = marked.into_iter().collect();
+                        store::unmark_enqueued(session, &ids, until).await?;
+                    }
                     return Ok(false);
                 }
-                let marks: Vec<_> = rows.iter().map(|(w, at)| (w.id, *at)).collect();
-                store::mark_enqueued(session, &marks).await?;
-                crate::fanout::published_deliveries(n, msgs.len(), rows.len());
+                crate::fanout::published_deliveries(n, msgs.len(), work.len());
                 metrics::counter!("herald_notify_scheduled_total", "type" => "webhook")
-                    .increment(rows.len() as u64);
+                    .increment(work.len() as u64);
             }
         }
     }

@@ -504,8 +504,9 @@ const WORK_COLUMNS: &str = "d.id, d.webhook_id, d.event_id, d.event_type, \
 
 /// Records one event's deliveries, once each however often the event is redelivered.
 /// `held` rows wait in PostgreSQL (their type is paused); `skipped` rows are recorded
-/// and never sent (their type is disabled). Returns the rows that are pending and not
-/// yet attempted, which the caller hands to the broker.
+/// and never sent (their type is disabled). Returns the rows that are pending, neither
+/// claimed by a worker nor attempted nor waiting in PostgreSQL, which the caller hands
+/// to the broker (again, for an event seen before: a claim drops the extra copy).
 pub struct NewDeliveries<'a> {
     pub org_id: Uuid,
     pub event_id: Uuid,
@@ -560,7 +561,8 @@ pub async fn record_deliveries(
     // returned rows carry none.
     let rows = sqlx::query(
         "SELECT id, webhook_id, event_id, event_type, NULL::jsonb AS payload, attempts FROM deliveries \
-         WHERE event_id = $1 AND status = 'pending' AND attempts = 0 AND next_attempt_at IS NULL",
+         WHERE event_id = $1 AND status = 'pending' AND attempts = 0 AND next_attempt_at IS NULL \
+           AND claimed_until IS NULL",
     )
     .bind(event_id)
     .fetch_all(conn)
@@ -568,29 +570,58 @@ pub async fn record_deliveries(
     Ok(rows.iter().map(work_from).collect::<Result<_, _>>()?)
 }
 
-/// Of `(delivery, attempts made before)` pairs of a redelivered message, the
-/// deliveries still waiting for that attempt: pending, in the broker (not held or
-/// scheduled in PostgreSQL), with no attempt recorded since. A message the scheduler
-/// published (`from_scheduler`) may arrive before the scheduler marks its rows as
-/// handed over, so for it a row still due (or still `failed`) counts too; its attempt
-/// count alone tells whether the attempt was made.
-pub async fn still_to_attempt(
+/// Of `(delivery, attempts made before)` pairs of a delivery message (any copy of
+/// it), claims for `lease` the deliveries still waiting for that attempt: pending, with
+/// no attempt recorded since, and no live claim of another worker. Rows another
+/// transaction holds are skipped, not waited for (whoever holds them is recording or
+/// claiming them). The claim's end is also the row's `next_attempt_at`, so a claim
+/// that outlives its worker comes due for the scheduler. Returns the ids claimed; only
+/// their holder sends them.
+pub async fn claim_deliveries(
     conn: &mut PgConnection,
     items: &[(Uuid, i32)],
-    from_scheduler: bool,
+    lease: std::time::Duration,
 ) -> Result<Vec<Uuid>, StorageError> {
     let (ids, attempts): (Vec<Uuid>, Vec<i32>) = items.iter().copied().unzip();
     Ok(sqlx::query_scalar(
-        "SELECT d.id FROM deliveries d JOIN unnest($1::uuid[], $2::int[]) AS v(id, attempts) \
-           ON d.id = v.id \
-         WHERE d.attempts = v.attempts AND CASE WHEN $3 THEN d.status IN ('pending', 'failed') \
-               ELSE d.status = 'pending' AND d.next_attempt_at IS NULL END",
+        "WITH c AS ( \
+             SELECT d.id FROM deliveries d JOIN unnest($1::uuid[], $2::int[]) AS v(id, attempts) \
+               ON d.id = v.id \
+             WHERE d.status = 'pending' AND d.attempts = v.attempts \
+               AND (d.claimed_until IS NULL OR d.claimed_until < now()) \
+             ORDER BY d.id FOR UPDATE OF d SKIP LOCKED) \
+         UPDATE deliveries d SET claimed_until = now() + make_interval(secs => $3), \
+             next_attempt_at = now() + make_interval(secs => $3) \
+         FROM c WHERE d.id = c.id RETURNING d.id",
     )
     .bind(&ids)
     .bind(&attempts)
-    .bind(from_scheduler)
+    .bind(lease.as_secs_f64())
     .fetch_all(conn)
     .await?)
+}
+
+/// Extends the live claims on `ids` to `lease` from now, while their attempts run.
+/// Rows recorded meanwhile (claim cleared) or whose claim ran out are left alone; rows
+/// locked at that moment are being recorded. Returns how many were extended.
+pub async fn renew_claims(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    lease: std::time::Duration,
+) -> Result<u64, StorageError> {
+    Ok(sqlx::query(
+        "WITH c AS ( \
+             SELECT id FROM deliveries WHERE id = ANY($1) AND claimed_until > now() \
+             ORDER BY id FOR UPDATE SKIP LOCKED) \
+         UPDATE deliveries d SET claimed_until = now() + make_interval(secs => $2), \
+             next_attempt_at = now() + make_interval(secs => $2) \
+         FROM c WHERE d.id = c.id",
+    )
+    .bind(ids)
+    .bind(lease.as_secs_f64())
+    .execute(conn)
+    .await?
+    .rows_affected())
 }
 
 /// The filters of `GET /v1/webhooks/{id}/deliveries`, each optional.
@@ -943,6 +974,10 @@ pub struct AttemptRecord {
     pub status: String,
     /// Whether an HTTP attempt was made (a held or skipped delivery makes none).
     pub attempted: bool,
+    /// The row's attempt count when this attempt began: the record applies only to a row
+    /// that still counts that many, so writing it twice (a retried commit) or late
+    /// (after another worker's attempt) changes nothing.
+    pub attempts_before: i32,
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub status_code: Option<i32>,
     pub error: Option<String>,
@@ -979,17 +1014,18 @@ pub async fn record_attempts(
     let errors: Vec<Option<&str>> = batch.iter().map(|a| a.error.as_deref()).collect();
     let bodies: Vec<Option<&str>> = batch.iter().map(|a| a.response_body.as_deref()).collect();
     let durations: Vec<i32> = batch.iter().map(|a| a.duration_ms).collect();
+    let before: Vec<i32> = batch.iter().map(|a| a.attempts_before).collect();
     let rows = sqlx::query(
-        "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[], $5::int[], $6::text[]) \
-                    AS t(id, status, attempted, next_at, code, err)), \
+        "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[], $5::int[], $6::text[], $10::int[]) \
+                    AS t(id, status, attempted, next_at, code, err, before)), \
               upd AS ( \
                  UPDATE deliveries d SET status = v.status, \
                      attempts = d.attempts + CASE WHEN v.attempted THEN 1 ELSE 0 END, \
-                     next_attempt_at = v.next_at, \
+                     next_attempt_at = v.next_at, claimed_until = NULL, \
                      last_status_code = CASE WHEN v.attempted THEN v.code ELSE d.last_status_code END, \
                      last_error = CASE WHEN v.attempted OR v.err IS NOT NULL THEN v.err ELSE d.last_error END, \
                      updated_at = now() \
-                 FROM v WHERE d.id = v.id RETURNING d.id, d.attempts), \
+                 FROM v WHERE d.id = v.id AND d.attempts = v.before RETURNING d.id, d.attempts), \
               log AS ( \
                  INSERT INTO delivery_attempts (delivery_id, attempt, status_code, error, response_body, duration_ms) \
                  SELECT t.id, upd.attempts, t.code, t.err, t.body, t.ms \
@@ -997,8 +1033,8 @@ pub async fn record_attempts(
                  JOIN upd ON upd.id = t.id WHERE t.attempted), \
               h AS ( \
                  SELECT wh, bool_or(status = 'succeeded') AS ok, count(*) FILTER (WHERE status <> 'succeeded') AS n \
-                 FROM unnest($9::uuid[], $2::text[], $3::bool[]) AS t(wh, status, attempted) \
-                 WHERE attempted GROUP BY wh), \
+                 FROM unnest($9::uuid[], $2::text[], $3::bool[], $1::uuid[]) AS t(wh, status, attempted, id) \
+                 JOIN upd ON upd.id = t.id WHERE attempted GROUP BY wh), \
               l AS ( \
                  SELECT w.id FROM webhooks w JOIN h ON h.wh = w.id \
                  WHERE NOT h.ok OR w.failing_since IS NOT NULL ORDER BY w.id FOR UPDATE OF w), \
@@ -1019,6 +1055,7 @@ pub async fn record_attempts(
     .bind(&bodies)
     .bind(&durations)
     .bind(&hooks)
+    .bind(&before)
     .fetch_all(&mut *conn)
     .await?;
     // Wake the scheduler so it sleeps until the earliest of these.
@@ -1053,19 +1090,52 @@ pub async fn due_deliveries(
         .collect()
 }
 
-/// After the broker confirmed them: the rows are in the broker now. Only rows still
-/// due at the time that was read are changed.
+/// Before they are handed to the broker: the rows are the broker's now, so a message
+/// never finds its row still waiting (or `failed`). Each is due again after
+/// `republish_after` unless a worker claims it first: a row marked but never published
+/// (the scheduler died, the publish failed) is not lost. Only rows still due at the
+/// time that was read are changed. Returns those, and the time they are due again.
 pub async fn mark_enqueued(
     conn: &mut PgConnection,
     rows: &[(Uuid, DateTime<Utc>)],
-) -> Result<u64, StorageError> {
+    republish_after: std::time::Duration,
+) -> Result<(Vec<Uuid>, Option<DateTime<Utc>>), StorageError> {
     let (ids, at): (Vec<Uuid>, Vec<DateTime<Utc>>) = rows.iter().copied().unzip();
-    Ok(sqlx::query(
-        "UPDATE deliveries d SET next_attempt_at = NULL, status = CASE WHEN d.status = 'failed' THEN 'pending' ELSE d.status END \
-         FROM unnest($1::uuid[], $2::timestamptz[]) v(id, at) WHERE d.id = v.id AND d.next_attempt_at = v.at",
+    let marked = sqlx::query(
+        "UPDATE deliveries d SET next_attempt_at = now() + make_interval(secs => $3), claimed_until = NULL, \
+             status = CASE WHEN d.status = 'failed' THEN 'pending' ELSE d.status END \
+         FROM unnest($1::uuid[], $2::timestamptz[]) v(id, at) WHERE d.id = v.id AND d.next_attempt_at = v.at \
+         RETURNING d.id, d.next_attempt_at",
     )
     .bind(&ids)
     .bind(&at)
+    .bind(republish_after.as_secs_f64())
+    .fetch_all(conn)
+    .await?;
+    let until = marked
+        .first()
+        .map(|r| r.try_get("next_attempt_at"))
+        .transpose()?;
+    let ids = marked
+        .iter()
+        .map(|r| r.try_get("id"))
+        .collect::<Result<_, _>>()?;
+    Ok((ids, until))
+}
+
+/// After a publish failed: the rows [`mark_enqueued`] marked at `until` and no worker
+/// claimed are due again now.
+pub async fn unmark_enqueued(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    until: DateTime<Utc>,
+) -> Result<u64, StorageError> {
+    Ok(sqlx::query(
+        "UPDATE deliveries SET next_attempt_at = now() \
+         WHERE id = ANY($1) AND next_attempt_at = $2 AND claimed_until IS NULL",
+    )
+    .bind(ids)
+    .bind(until)
     .execute(conn)
     .await?
     .rows_affected())

@@ -204,8 +204,9 @@ pub async fn webhook(n: Arc<Notifier>, msg: Incoming) -> Outcome {
     if batch.deliveries.is_empty() {
         return Outcome::Ack;
     }
+    let parent = herald_trace::from_headers(&msg.headers);
     tokio::select! {
-        out = attempt_and_record(&n, &batch) => out,
+        out = attempt_and_record(&n, &batch, parent) => out,
         () = keep_claimed(&n, &mine) => Outcome::Requeue,
     }
 }
@@ -232,7 +233,11 @@ async fn keep_claimed(n: &Notifier, ids: &[Uuid]) {
 /// Sends the claimed deliveries of `batch` and records their results. A write that
 /// fails is tried again while the claim is renewed: requeued, the message's results
 /// would be lost and the delivery sent again after its 2xx.
-async fn attempt_and_record(n: &Arc<Notifier>, batch: &DeliveryBatch) -> Outcome {
+async fn attempt_and_record(
+    n: &Arc<Notifier>,
+    batch: &DeliveryBatch,
+    parent: Option<&str>,
+) -> Outcome {
     let records: Vec<AttemptRecord> = match n.controls.mode("webhook") {
         Mode::Disabled => {
             metrics::counter!("herald_notify_skipped_total", "type" => "webhook")
@@ -254,7 +259,6 @@ async fn attempt_and_record(n: &Arc<Notifier>, batch: &DeliveryBatch) -> Outcome
             .collect(),
         Mode::Enabled => {
             let b = &batch;
-            let parent = herald_trace::from_headers(&msg.headers);
             futures::future::join_all(b.deliveries.iter().map(|d| {
                 let n = &n;
                 let span = attempt_span(b, d, parent);

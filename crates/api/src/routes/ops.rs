@@ -8,6 +8,12 @@ use herald_storage::notify::{self as store, TYPES};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+#[utoipa::path(
+    get,
+    path = "/v1/ops/notification-types",
+    operation_id = "listNotificationTypes",
+    tag = "operator"
+)]
 pub async fn list_types(
     State(state): State<AppState>,
     _admin: Admin,
@@ -35,6 +41,12 @@ pub struct PutType {
     reason: String,
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/ops/notification-types/{type}",
+    operation_id = "putNotificationType",
+    tag = "operator"
+)]
 pub async fn put_type(
     State(state): State<AppState>,
     admin: Admin,
@@ -87,6 +99,12 @@ pub async fn put_type(
     Ok(Json(t))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/ops/queues",
+    operation_id = "listQueues",
+    tag = "operator"
+)]
 pub async fn queues(State(state): State<AppState>, _admin: Admin) -> Result<Json<Value>, ApiError> {
     // Counting backlogs scans them: the replica does it, so an operator polling this
     // during an incident does not load the primary that dispatch needs.
@@ -107,6 +125,12 @@ pub struct Replay {
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/ops/dead-letters/replay",
+    operation_id = "replayDeadLetters",
+    tag = "operator"
+)]
 pub async fn replay(
     State(state): State<AppState>,
     _admin: Admin,

@@ -14,6 +14,7 @@ pub struct CreateOrg {
     slug: String,
 }
 
+#[utoipa::path(post, path = "/v1/orgs", operation_id = "createOrg", tag = "operator")]
 pub async fn create_org(
     State(state): State<AppState>,
     _admin: Admin,
@@ -34,6 +35,12 @@ pub struct CreatePipeline {
     repository: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/pipelines",
+    operation_id = "createPipeline",
+    tag = "pipelines"
+)]
 pub async fn create_pipeline(
     State(state): State<AppState>,
     Org(org): Org,
@@ -48,6 +55,12 @@ pub async fn create_pipeline(
     Ok((StatusCode::CREATED, Json(p)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/pipelines/{slug}",
+    operation_id = "getPipeline",
+    tag = "pipelines"
+)]
 pub async fn get_pipeline(
     State(state): State<AppState>,
     Org(org): Org,

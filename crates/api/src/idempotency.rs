@@ -89,7 +89,7 @@ const WAIT: Duration = Duration::from_secs(15);
 #[utoipa::path(
     post,
     path = "/v1/webhooks",
-    operation_id = "createWebhook",
+    operation_id = "createWebhook", request_body = crate::routes::webhooks::CreateWebhook,
     tag = "webhooks"
 )]
 pub async fn create_webhook(

@@ -2216,7 +2216,7 @@ mod tests {
     fn every_routed_operation_is_written_and_every_written_one_routed() {
         let routed = routed();
         assert!(routed.len() > 30, "the router's table is read: {routed:?}");
-        let written: BTreeSet<(String, String, String)> = operations_of(&written())
+        let texts: BTreeSet<(String, String, String)> = operations_of(&written())
             .into_iter()
             .map(|(p, m, op)| (op["operationId"].as_str().expect("id").to_owned(), p, m))
             .collect();
@@ -2227,9 +2227,9 @@ mod tests {
                 (id.to_owned(), p.clone(), m.clone())
             })
             .collect();
-        let unwritten: Vec<_> = served.difference(&written).collect();
+        let unwritten: Vec<_> = served.difference(&texts).collect();
         assert!(unwritten.is_empty(), "routed without text: {unwritten:?}");
-        let unrouted: Vec<_> = written.difference(&served).collect();
+        let unrouted: Vec<_> = texts.difference(&served).collect();
         assert!(unrouted.is_empty(), "written but not routed: {unrouted:?}");
         // So the served document says all the written one says, and nothing else.
         assert_eq!(document(), written());
@@ -2250,6 +2250,59 @@ mod tests {
         // And one the router drops is gone from it.
         routed.retain(|(p, _, _)| p != "/v1/ops/queues");
         assert!(build(&routed)["paths"].get("/v1/ops/queues").is_none());
+    }
+
+    /// Each request body's written schema has exactly the fields, and the required
+    /// fields, of the Rust type the handler parses (its `ToSchema`, from its serde
+    /// attributes): a field added to a request type fails here until it is written.
+    #[test]
+    fn written_request_bodies_have_the_fields_of_the_rust_types() {
+        let api = serde_json::to_value(crate::routed_operations()).expect("serializes");
+        let generated = &api["components"]["schemas"];
+        let doc = document();
+        let written = &doc["components"]["schemas"];
+        let body = |op: &Value| {
+            op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                .as_str()
+                .and_then(|r| r.rsplit('/').next())
+                .map(str::to_owned)
+        };
+        // The jobs of a build, a domain type.
+        let mut pairs = vec![("RawJob".to_owned(), "NewJob".to_owned())];
+        for (path, method, op) in operations_of(&api) {
+            let Some(rust) = body(&op) else { continue };
+            let text = body(&doc["paths"][&path][&method])
+                .unwrap_or_else(|| panic!("{method} {path} has no written body"));
+            pairs.push((rust, text));
+        }
+        assert!(pairs.len() >= 13, "{pairs:?}");
+        let names = |v: &Value| -> BTreeSet<String> {
+            match v {
+                Value::Object(m) => m.keys().cloned().collect(),
+                Value::Array(a) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect(),
+                _ => BTreeSet::new(),
+            }
+        };
+        for (rust, text) in pairs {
+            let (g, w) = (&generated[&rust], &written[&text]);
+            assert!(g.is_object(), "{rust} is generated");
+            assert_eq!(
+                names(&g["properties"]),
+                names(&w["properties"]),
+                "fields of {rust} and {text}"
+            );
+            assert_eq!(
+                names(&g["required"]),
+                names(&w["required"]),
+                "required fields of {rust} and {text}"
+            );
+            // `deny_unknown_fields`.
+            assert_eq!(w["additionalProperties"], json!(false), "{text}");
+        }
     }
 
     /// The limits the domain enforces are stated in the schemas.

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 use uuid::Uuid;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterAgent {
     name: String,
@@ -31,7 +31,7 @@ fn default_queues() -> Vec<String> {
 #[utoipa::path(
     post,
     path = "/v1/agents/register",
-    operation_id = "registerAgent",
+    operation_id = "registerAgent", request_body = RegisterAgent,
     tag = "agents"
 )]
 pub async fn register(
@@ -251,7 +251,7 @@ pub async fn start(
     call(&state, agent.id, &id, AgentCall::Start).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Finish {
     exit_status: i32,
@@ -260,7 +260,7 @@ pub struct Finish {
 #[utoipa::path(
     put,
     path = "/v1/jobs/{id}/finish",
-    operation_id = "finishJob",
+    operation_id = "finishJob", request_body = Finish,
     tag = "agents"
 )]
 pub async fn finish(

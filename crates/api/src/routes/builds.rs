@@ -18,7 +18,7 @@ use herald_storage::StorageError;
 use serde::Deserialize;
 use std::collections::HashMap;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBuild {
     commit: String,
@@ -38,7 +38,7 @@ fn default_branch() -> String {
 #[utoipa::path(
     post,
     path = "/v1/pipelines/{slug}/builds",
-    operation_id = "createBuild",
+    operation_id = "createBuild", request_body = CreateBuild,
     tag = "builds"
 )]
 pub async fn create(

@@ -30,7 +30,7 @@ pub const MAX_RATE: f64 = 1_000_000.0;
 /// The documented range of `burst` is 1 to this.
 pub const MAX_BURST: i32 = 1_000_000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutType {
     mode: String,
@@ -44,7 +44,7 @@ pub struct PutType {
 #[utoipa::path(
     put,
     path = "/v1/ops/notification-types/{type}",
-    operation_id = "putNotificationType",
+    operation_id = "putNotificationType", request_body = PutType,
     tag = "operator"
 )]
 pub async fn put_type(
@@ -116,7 +116,7 @@ pub async fn queues(State(state): State<AppState>, _admin: Admin) -> Result<Json
     Ok(Json(json!({"items": items})))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Replay {
     #[serde(default, rename = "type")]
@@ -128,7 +128,7 @@ pub struct Replay {
 #[utoipa::path(
     post,
     path = "/v1/ops/dead-letters/replay",
-    operation_id = "replayDeadLetters",
+    operation_id = "replayDeadLetters", request_body = Replay,
     tag = "operator"
 )]
 pub async fn replay(

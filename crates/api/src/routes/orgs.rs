@@ -8,13 +8,13 @@ use herald_domain::{parse_repository, Slug};
 use herald_storage::orgs;
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrg {
     slug: String,
 }
 
-#[utoipa::path(post, path = "/v1/orgs", operation_id = "createOrg", tag = "operator")]
+#[utoipa::path(post, path = "/v1/orgs", operation_id = "createOrg", request_body = CreateOrg, tag = "operator")]
 pub async fn create_org(
     State(state): State<AppState>,
     _admin: Admin,
@@ -28,7 +28,7 @@ pub async fn create_org(
     Ok((StatusCode::CREATED, Json(org)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePipeline {
     slug: String,
@@ -38,7 +38,7 @@ pub struct CreatePipeline {
 #[utoipa::path(
     post,
     path = "/v1/pipelines",
-    operation_id = "createPipeline",
+    operation_id = "createPipeline", request_body = CreatePipeline,
     tag = "pipelines"
 )]
 pub async fn create_pipeline(

@@ -45,7 +45,7 @@ pub fn check_events(events: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchWebhook {
     #[serde(default)]
@@ -63,7 +63,7 @@ pub struct PatchWebhook {
 #[utoipa::path(
     patch,
     path = "/v1/webhooks/{id}",
-    operation_id = "updateWebhook",
+    operation_id = "updateWebhook", request_body = PatchWebhook,
     tag = "webhooks"
 )]
 pub async fn patch(
@@ -117,7 +117,7 @@ pub async fn patch(
     Ok(Json(json!(hook)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateSecret {
     #[serde(default)]
@@ -127,7 +127,7 @@ pub struct RotateSecret {
 #[utoipa::path(
     post,
     path = "/v1/webhooks/{id}/rotate-secret",
-    operation_id = "rotateSecret",
+    operation_id = "rotateSecret", request_body = RotateSecret,
     tag = "webhooks"
 )]
 pub async fn rotate_secret(
@@ -155,7 +155,7 @@ pub async fn rotate_secret(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Recover {
     since: DateTime<Utc>,
@@ -166,7 +166,7 @@ pub struct Recover {
 #[utoipa::path(
     post,
     path = "/v1/webhooks/{id}/recover",
-    operation_id = "recoverWebhook",
+    operation_id = "recoverWebhook", request_body = Recover,
     tag = "webhooks"
 )]
 pub async fn recover(

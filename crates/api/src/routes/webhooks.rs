@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     url: String,
@@ -155,7 +155,7 @@ pub async fn redeliver(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutGithub {
     #[serde(default = "default_api_url")]
@@ -172,7 +172,7 @@ fn default_api_url() -> String {
 #[utoipa::path(
     put,
     path = "/v1/pipelines/{slug}/github",
-    operation_id = "putGithubIntegration",
+    operation_id = "putGithubIntegration", request_body = PutGithub,
     tag = "pipelines"
 )]
 pub async fn put_github(

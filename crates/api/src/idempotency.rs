@@ -86,6 +86,12 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// `POST /v1/webhooks` with an optional `Idempotency-Key` around
 /// `routes::webhooks::create`.
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks",
+    operation_id = "createWebhook", request_body = crate::routes::webhooks::CreateWebhook,
+    tag = "webhooks"
+)]
 pub async fn create_webhook(
     State(state): State<AppState>,
     Org(org): Org,

@@ -21,7 +21,6 @@ mod routes;
 pub mod stops;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put, MethodRouter};
 use axum::Router;
 use cache::TokenCache;
 use heartbeat::Heartbeats;
@@ -34,6 +33,7 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 
@@ -154,102 +154,67 @@ impl AppState {
     }
 }
 
-/// The routes of the API, recorded as they are added: `route_paths` and the OpenAPI
-/// test read the same table the server routes with, so they cannot drift apart.
-pub struct RouteTable<S> {
-    router: Router<S>,
-    paths: Vec<&'static str>,
+/// The routes of the API. Each handler carries its method and path in its
+/// `#[utoipa::path]`, and `routes!` registers it from there, so the router and the
+/// paths of `/openapi.json` come from one table: a routed endpoint cannot be missing
+/// from the description. Only `routes!` belongs here, never a plain `route`.
+fn api_routes() -> OpenApiRouter<AppState> {
+    use routes::{agents, builds, health, jobs, ops, orgs, overview, webhook_controls, webhooks};
+    OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(health::openapi))
+        .routes(utoipa_axum::routes!(orgs::create_org))
+        .routes(utoipa_axum::routes!(orgs::create_pipeline))
+        .routes(utoipa_axum::routes!(orgs::get_pipeline))
+        .routes(utoipa_axum::routes!(builds::create))
+        .routes(utoipa_axum::routes!(jobs::get))
+        .routes(utoipa_axum::routes!(jobs::retry))
+        .routes(utoipa_axum::routes!(builds::list))
+        .routes(utoipa_axum::routes!(builds::get))
+        .routes(utoipa_axum::routes!(builds::cancel))
+        .routes(utoipa_axum::routes!(webhooks::put_github))
+        .routes(utoipa_axum::routes!(
+            idempotency::create_webhook,
+            webhooks::list
+        ))
+        .routes(utoipa_axum::routes!(
+            webhooks::get,
+            webhooks::delete,
+            webhook_controls::patch
+        ))
+        .routes(utoipa_axum::routes!(webhook_controls::deliveries))
+        .routes(utoipa_axum::routes!(webhook_controls::rotate_secret))
+        .routes(utoipa_axum::routes!(webhook_controls::recover))
+        .routes(utoipa_axum::routes!(webhook_controls::get_delivery))
+        .routes(utoipa_axum::routes!(webhook_controls::event_types))
+        .routes(utoipa_axum::routes!(webhooks::redeliver))
+        .routes(utoipa_axum::routes!(ops::list_types))
+        .routes(utoipa_axum::routes!(ops::put_type))
+        .routes(utoipa_axum::routes!(ops::queues))
+        .routes(utoipa_axum::routes!(overview::overview))
+        .routes(utoipa_axum::routes!(ops_page::page))
+        .routes(utoipa_axum::routes!(ops::replay))
+        .routes(utoipa_axum::routes!(agents::register))
+        .routes(utoipa_axum::routes!(agents::ping))
+        .routes(utoipa_axum::routes!(agents::heartbeat))
+        .routes(utoipa_axum::routes!(agents::disconnect))
+        .routes(utoipa_axum::routes!(agents::accept))
+        .routes(utoipa_axum::routes!(agents::start))
+        .routes(utoipa_axum::routes!(agents::finish))
 }
 
-impl<S: Clone + Send + Sync + 'static> RouteTable<S> {
-    fn new() -> Self {
-        RouteTable {
-            router: Router::new(),
-            paths: Vec::new(),
-        }
-    }
-
-    /// As `Router::route`, and records `path`.
-    pub fn route(mut self, path: &'static str, methods: MethodRouter<S>) -> Self {
-        if !self.paths.contains(&path) {
-            self.paths.push(path);
-        }
-        self.router = self.router.route(path, methods);
-        self
-    }
-}
-
-fn api_routes() -> RouteTable<AppState> {
-    RouteTable::new()
-        .route("/openapi.json", get(routes::health::openapi))
-        .route("/v1/orgs", post(routes::orgs::create_org))
-        .route("/v1/pipelines", post(routes::orgs::create_pipeline))
-        .route("/v1/pipelines/{slug}", get(routes::orgs::get_pipeline))
-        .route("/v1/pipelines/{slug}/builds", post(routes::builds::create))
-        .route("/v1/jobs/{id}", get(routes::jobs::get))
-        .route("/v1/jobs/{id}/retry", post(routes::jobs::retry))
-        .route("/v1/builds", get(routes::builds::list))
-        .route("/v1/builds/{id}", get(routes::builds::get))
-        .route("/v1/builds/{id}/cancel", post(routes::builds::cancel))
-        .route(
-            "/v1/pipelines/{slug}/github",
-            put(routes::webhooks::put_github),
-        )
-        .route(
-            "/v1/webhooks",
-            post(idempotency::create_webhook).get(routes::webhooks::list),
-        )
-        .route(
-            "/v1/webhooks/{id}",
-            get(routes::webhooks::get)
-                .delete(routes::webhooks::delete)
-                .patch(routes::webhook_controls::patch),
-        )
-        .route(
-            "/v1/webhooks/{id}/deliveries",
-            get(routes::webhook_controls::deliveries),
-        )
-        .route(
-            "/v1/webhooks/{id}/rotate-secret",
-            post(routes::webhook_controls::rotate_secret),
-        )
-        .route(
-            "/v1/webhooks/{id}/recover",
-            post(routes::webhook_controls::recover),
-        )
-        .route(
-            "/v1/deliveries/{id}",
-            get(routes::webhook_controls::get_delivery),
-        )
-        .route(
-            "/v1/event-types",
-            get(routes::webhook_controls::event_types),
-        )
-        .route(
-            "/v1/deliveries/{id}/redeliver",
-            post(routes::webhooks::redeliver),
-        )
-        .route("/v1/ops/notification-types", get(routes::ops::list_types))
-        .route(
-            "/v1/ops/notification-types/{type}",
-            put(routes::ops::put_type),
-        )
-        .route("/v1/ops/queues", get(routes::ops::queues))
-        .route("/v1/ops/overview", get(routes::overview::overview))
-        .route("/ops", get(ops_page::page))
-        .route("/v1/ops/dead-letters/replay", post(routes::ops::replay))
-        .route("/v1/agents/register", post(routes::agents::register))
-        .route("/v1/agent/ping", post(routes::agents::ping))
-        .route("/v1/agent/heartbeat", post(routes::agents::heartbeat))
-        .route("/v1/agent/disconnect", post(routes::agents::disconnect))
-        .route("/v1/jobs/{id}/accept", put(routes::agents::accept))
-        .route("/v1/jobs/{id}/start", put(routes::agents::start))
-        .route("/v1/jobs/{id}/finish", put(routes::agents::finish))
+/// The paths and operations the router serves (API and health), as `utoipa` records
+/// them from the handlers' `#[utoipa::path]`: what `/openapi.json` is built on.
+pub fn routed_operations() -> utoipa::openapi::OpenApi {
+    let (_, mut api) = api_routes().split_for_parts();
+    let (_, health) = health_routes().split_for_parts();
+    api.merge(health);
+    api
 }
 
 /// Every path the API routes (health endpoints aside), as the server routes them.
-pub fn route_paths() -> Vec<&'static str> {
-    api_routes().paths
+pub fn route_paths() -> Vec<String> {
+    let (_, api) = api_routes().split_for_parts();
+    api.paths.paths.into_keys().collect()
 }
 
 /// The most jobs of a build (the contract's 500).
@@ -258,12 +223,11 @@ pub const MAX_JOBS: usize = herald_domain::MAX_JOBS_PER_BUILD;
 /// The paths every process serves, whatever its roles.
 pub const HEALTH_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
 
-fn health_routes(health: Arc<Health>) -> Router {
-    Router::new()
-        .route("/healthz", get(routes::health::healthz))
-        .route("/readyz", get(routes::health::readyz))
-        .route("/metrics", get(routes::health::metrics))
-        .with_state(health)
+fn health_routes() -> OpenApiRouter<Arc<Health>> {
+    OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(routes::health::healthz))
+        .routes(utoipa_axum::routes!(routes::health::readyz))
+        .routes(utoipa_axum::routes!(routes::health::metrics))
 }
 
 /// What every router ends with: the JSON 404 and 405, the body limit, the JSON error
@@ -312,16 +276,15 @@ async fn trace_request(
 pub fn app(state: AppState) -> Router {
     let health = state.health.clone();
     finish(
-        api_routes()
-            .router
+        Router::from(api_routes())
             .with_state(state)
-            .merge(health_routes(health)),
+            .merge(Router::from(health_routes()).with_state(health)),
     )
 }
 
 /// A process without the `api` role: health endpoints only, 404 for everything else.
 pub fn health_only(health: Health) -> Router {
-    finish(health_routes(Arc::new(health)))
+    finish(Router::from(health_routes()).with_state(Arc::new(health)))
 }
 
 /// Serves until `cancel` fires, then stops accepting and lets in-flight requests end.

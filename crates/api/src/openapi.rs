@@ -1,12 +1,17 @@
 //! The OpenAPI 3 description of every endpoint.
 //!
-//! Built by hand with `serde_json::json!` so that it documents the contract
-//! (`/work/shared/api-contract.md`) word for word, including the behaviour the contract
-//! leaves open and the routes settle: 404 for a malformed id, the defaults of optional
-//! fields, the long poll of `ping`, idempotent agent calls, the Standard Webhooks
-//! delivery format and the GitHub commit-status mapping.
+//! Its paths and operations are those the router serves: `crate::routed_operations`
+//! reads them from the handlers' `#[utoipa::path]`, the same attributes `routes!`
+//! registers the handlers with, so a routed endpoint is in the document by
+//! construction. Each operation's text (parameters, bodies, responses) is written here,
+//! by operation id, so that it documents the contract (`/work/shared/api-contract.md`)
+//! word for word, including the behaviour the contract leaves open and the routes
+//! settle: 404 for a malformed id, the defaults of optional fields, the long poll of
+//! `ping`, idempotent agent calls, the Standard Webhooks delivery format and the GitHub
+//! commit-status mapping. A routed operation without its text here fails the tests.
 
 use serde_json::{json, Map, Value};
+use std::sync::OnceLock;
 
 // The limits the domain enforces, from the code that enforces them.
 use herald_domain::input::{
@@ -20,6 +25,55 @@ const ONE_LINE: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
 
 /// The whole document, served at `GET /openapi.json`.
 pub fn document() -> Value {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(|| build(&routed())).clone()
+}
+
+/// `(path, method, operation)` of every operation the router serves.
+fn routed() -> Vec<(String, String, Value)> {
+    let api = serde_json::to_value(crate::routed_operations()).unwrap_or_default();
+    operations_of(&api)
+}
+
+const METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "head", "options"];
+
+fn operations_of(doc: &Value) -> Vec<(String, String, Value)> {
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        for (method, op) in item.as_object().into_iter().flatten() {
+            if METHODS.contains(&method.as_str()) {
+                out.push((path.clone(), method.clone(), op.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The document of the `routed` operations, each with its written text. An operation
+/// without one keeps what its attribute says (and the tests fail); written text of an
+/// operation nobody routes is left out (and the tests fail).
+fn build(routed: &[(String, String, Value)]) -> Value {
+    let mut doc = written();
+    let written: std::collections::HashMap<String, Value> = operations_of(&doc)
+        .into_iter()
+        .filter_map(|(_, _, op)| Some((op["operationId"].as_str()?.to_owned(), op)))
+        .collect();
+    let mut paths = Map::new();
+    for (path, method, op) in routed {
+        let text = op["operationId"]
+            .as_str()
+            .and_then(|id| written.get(id))
+            .unwrap_or(op);
+        let item = paths.entry(path.clone()).or_insert_with(|| json!({}));
+        item[method.as_str()] = text.clone();
+    }
+    doc["paths"] = Value::Object(paths);
+    doc
+}
+
+/// The written document: every operation's text, under the path it was written for,
+/// and the components.
+fn written() -> Value {
     let mut doc = json!({
         "openapi": "3.0.3",
         "info": info(),
@@ -2128,8 +2182,6 @@ mod tests {
         ("post", "/v1/jobs/{id}/retry"),
     ];
 
-    const METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "head", "options"];
-
     fn operations(doc: &Value) -> Vec<(String, String, Value)> {
         let mut out = Vec::new();
         for (path, item) in doc["paths"].as_object().expect("paths") {
@@ -2156,6 +2208,149 @@ mod tests {
             Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
             _ => {}
         }
+    }
+
+    /// Every operation the router serves has its written text, under the path and
+    /// method the router serves it at, and no written operation is left unrouted.
+    #[test]
+    fn every_routed_operation_is_written_and_every_written_one_routed() {
+        let routed = routed();
+        assert!(routed.len() > 30, "the router's table is read: {routed:?}");
+        let texts: BTreeSet<(String, String, String)> = operations_of(&written())
+            .into_iter()
+            .map(|(p, m, op)| (op["operationId"].as_str().expect("id").to_owned(), p, m))
+            .collect();
+        let served: BTreeSet<(String, String, String)> = routed
+            .iter()
+            .map(|(p, m, op)| {
+                let id = op["operationId"].as_str().expect("an operation_id");
+                (id.to_owned(), p.clone(), m.clone())
+            })
+            .collect();
+        let unwritten: Vec<_> = served.difference(&texts).collect();
+        assert!(unwritten.is_empty(), "routed without text: {unwritten:?}");
+        let unrouted: Vec<_> = texts.difference(&served).collect();
+        assert!(unrouted.is_empty(), "written but not routed: {unrouted:?}");
+        // So the served document says all the written one says, and nothing else.
+        assert_eq!(document(), written());
+    }
+
+    /// A route added to the router is in the document even before its text is
+    /// written: the paths come from the router, not from the text.
+    #[test]
+    fn a_routed_operation_is_in_the_document_by_construction() {
+        let mut routed = routed();
+        routed.push((
+            "/v1/new".into(),
+            "get".into(),
+            json!({"operationId": "brandNew", "responses": {}}),
+        ));
+        let doc = build(&routed);
+        assert_eq!(doc["paths"]["/v1/new"]["get"]["operationId"], "brandNew");
+        // And one the router drops is gone from it.
+        routed.retain(|(p, _, _)| p != "/v1/ops/queues");
+        assert!(build(&routed)["paths"].get("/v1/ops/queues").is_none());
+    }
+
+    /// Each request body's written schema has exactly the fields, and the required
+    /// fields, of the Rust type the handler parses (its `ToSchema`, from its serde
+    /// attributes): a field added to a request type fails here until it is written.
+    #[test]
+    fn written_request_bodies_have_the_fields_of_the_rust_types() {
+        let api = serde_json::to_value(crate::routed_operations()).expect("serializes");
+        let generated = &api["components"]["schemas"];
+        let doc = document();
+        let written = &doc["components"]["schemas"];
+        let body = |op: &Value| {
+            op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                .as_str()
+                .and_then(|r| r.rsplit('/').next())
+                .map(str::to_owned)
+        };
+        // The jobs of a build, a domain type.
+        let mut pairs = vec![("RawJob".to_owned(), "NewJob".to_owned())];
+        for (path, method, op) in operations_of(&api) {
+            let Some(rust) = body(&op) else { continue };
+            let text = body(&doc["paths"][&path][&method])
+                .unwrap_or_else(|| panic!("{method} {path} has no written body"));
+            pairs.push((rust, text));
+        }
+        assert!(pairs.len() >= 13, "{pairs:?}");
+        let names = |v: &Value| -> BTreeSet<String> {
+            match v {
+                Value::Object(m) => m.keys().cloned().collect(),
+                Value::Array(a) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect(),
+                _ => BTreeSet::new(),
+            }
+        };
+        for (rust, text) in pairs {
+            let (g, w) = (&generated[&rust], &written[&text]);
+            assert!(g.is_object(), "{rust} is generated");
+            assert_eq!(
+                names(&g["properties"]),
+                names(&w["properties"]),
+                "fields of {rust} and {text}"
+            );
+            assert_eq!(
+                names(&g["required"]),
+                names(&w["required"]),
+                "required fields of {rust} and {text}"
+            );
+            // `deny_unknown_fields`.
+            assert_eq!(w["additionalProperties"], json!(false), "{text}");
+        }
+    }
+
+    /// The limits the domain enforces are stated in the schemas.
+    #[test]
+    fn states_the_domain_limits() {
+        let doc = document();
+        let s = &doc["components"]["schemas"];
+        let job = &s["NewJob"]["properties"];
+        assert_eq!(job["timeout_s"]["minimum"], 1);
+        assert_eq!(job["timeout_s"]["maximum"], 86400);
+        assert_eq!(job["command"]["maxLength"], MAX_COMMAND_BYTES);
+        assert_eq!(job["command"]["pattern"], NO_NUL);
+        assert_eq!(job["env"]["maxProperties"], MAX_ENV_VARS);
+        let rule = &job["retry"]["properties"]["automatic"]["items"]["properties"]["limit"];
+        assert_eq!(
+            (rule["minimum"].clone(), rule["maximum"].clone()),
+            (json!(1), json!(10))
+        );
+        let build = &s["CreateBuildRequest"]["properties"];
+        assert_eq!(build["branch"]["maxLength"], 255);
+        assert_eq!(build["branch"]["pattern"], ONE_LINE);
+        assert_eq!(build["jobs"]["maxItems"], crate::MAX_JOBS);
+        assert_eq!(build["message"]["maxLength"], MAX_MESSAGE_BYTES);
+        let put = &s["PutNotificationTypeRequest"]["properties"];
+        assert_eq!(put["rate_per_s"]["minimum"], crate::routes::ops::MIN_RATE);
+        assert_eq!(put["rate_per_s"]["maximum"], crate::routes::ops::MAX_RATE);
+        assert_eq!(put["burst"]["maximum"], crate::routes::ops::MAX_BURST);
+        assert_eq!(
+            s["RegisterAgentRequest"]["properties"]["name"]["pattern"],
+            ONE_LINE
+        );
+        let key = doc["paths"]["/v1/pipelines/{slug}/builds"]["post"]["parameters"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == "Idempotency-Key"))
+            .cloned()
+            .expect("Idempotency-Key");
+        assert_eq!(
+            (
+                key["schema"]["minLength"].clone(),
+                key["schema"]["maxLength"].clone()
+            ),
+            (json!(1), json!(255))
+        );
+        assert!(
+            doc["components"]["responses"]["PayloadTooLarge"]["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("64 MiB"))
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub const PAGE: &str = include_str!("../assets/ops.html");
 const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
      connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
+#[utoipa::path(get, path = "/ops", operation_id = "opsPage", tag = "operator")]
 pub async fn page() -> impl IntoResponse {
     (
         [

@@ -9,6 +9,7 @@ pub const MAX_JOBS_PER_BUILD: usize = 500;
 
 /// A job as a client sends it.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawJob {
     pub key: String,

@@ -11,6 +11,7 @@ pub const MAX_RETRY_RULES: usize = 10;
 
 /// `retry` as a client sends it.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     #[serde(default)]
@@ -20,6 +21,7 @@ pub struct RawRetry {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawRule {
     pub exit_status: Value,

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 use uuid::Uuid;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterAgent {
     name: String,
@@ -28,6 +28,12 @@ fn default_queues() -> Vec<String> {
     vec!["default".into()]
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/agents/register",
+    operation_id = "registerAgent", request_body = RegisterAgent,
+    tag = "agents"
+)]
 pub async fn register(
     State(state): State<AppState>,
     Registration(org): Registration,
@@ -89,6 +95,7 @@ fn ping_job(job: &JobView) -> serde_json::Value {
 /// The long poll. Returns the agent's assigned job as soon as there is one, or 204
 /// after `wait` seconds. While parked it costs no database query: it waits on an
 /// in-memory mailbox that the assignment listener fills.
+#[utoipa::path(post, path = "/v1/agent/ping", operation_id = "ping", tag = "agents")]
 pub async fn ping(
     State(state): State<AppState>,
     Agent(agent): Agent,
@@ -150,6 +157,12 @@ pub async fn ping(
 
 /// Buffered (see `heartbeat`); `cancel` comes from the process's in-memory cancel
 /// list (see `stops`), so an idle agent's heartbeat costs no query.
+#[utoipa::path(
+    post,
+    path = "/v1/agent/heartbeat",
+    operation_id = "heartbeat",
+    tag = "agents"
+)]
 pub async fn heartbeat(
     State(state): State<AppState>,
     Agent(agent): Agent,
@@ -162,6 +175,12 @@ pub async fn heartbeat(
     Json(json!({"received_at": at, "cancel": cancel}))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/agent/disconnect",
+    operation_id = "disconnect",
+    tag = "agents"
+)]
 pub async fn disconnect(
     State(state): State<AppState>,
     Agent(agent): Agent,
@@ -204,6 +223,12 @@ async fn call(
     Ok(Json(applied.job))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/jobs/{id}/accept",
+    operation_id = "acceptJob",
+    tag = "agents"
+)]
 pub async fn accept(
     State(state): State<AppState>,
     Agent(agent): Agent,
@@ -212,6 +237,12 @@ pub async fn accept(
     call(&state, agent.id, &id, AgentCall::Accept).await
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/jobs/{id}/start",
+    operation_id = "startJob",
+    tag = "agents"
+)]
 pub async fn start(
     State(state): State<AppState>,
     Agent(agent): Agent,
@@ -220,12 +251,18 @@ pub async fn start(
     call(&state, agent.id, &id, AgentCall::Start).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Finish {
     exit_status: i32,
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/jobs/{id}/finish",
+    operation_id = "finishJob", request_body = Finish,
+    tag = "agents"
+)]
 pub async fn finish(
     State(state): State<AppState>,
     Agent(agent): Agent,

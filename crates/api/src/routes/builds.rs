@@ -18,7 +18,7 @@ use herald_storage::StorageError;
 use serde::Deserialize;
 use std::collections::HashMap;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBuild {
     commit: String,
@@ -35,6 +35,12 @@ fn default_branch() -> String {
 
 /// With an `Idempotency-Key`, the key is claimed in the transaction that creates the
 /// build (see `crate::idempotency`).
+#[utoipa::path(
+    post,
+    path = "/v1/pipelines/{slug}/builds",
+    operation_id = "createBuild", request_body = CreateBuild,
+    tag = "builds"
+)]
 pub async fn create(
     State(state): State<AppState>,
     Org(org): Org,
@@ -147,6 +153,12 @@ fn retryable<T>(e: StorageError) -> Result<Result<T, StorageError>, ApiError> {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/builds/{id}",
+    operation_id = "getBuild",
+    tag = "builds"
+)]
 pub async fn get(
     State(state): State<AppState>,
     Org(org): Org,
@@ -158,6 +170,7 @@ pub async fn get(
     Ok(Json(build))
 }
 
+#[utoipa::path(get, path = "/v1/builds", operation_id = "listBuilds", tag = "builds")]
 pub async fn list(
     State(state): State<AppState>,
     Org(org): Org,
@@ -189,6 +202,12 @@ pub async fn list(
     Ok(Json(list_response(rows, p.limit, |b| b.id)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/builds/{id}/cancel",
+    operation_id = "cancelBuild",
+    tag = "builds"
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     Org(org): Org,

@@ -9,12 +9,14 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
 
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "health")]
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// 200 when every dependency of this process's roles answers and every role's loop
 /// runs, 503 otherwise; both name each check, `"ok"` or what is wrong.
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "health")]
 pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
     let (ready, checks) = health.check().await;
     let status = if ready {
@@ -25,6 +27,7 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
     (status, Json(json!({"ready": ready, "checks": checks}))).into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "health")]
 pub async fn metrics(State(health): State<Arc<Health>>) -> Response {
     let body = health
         .metrics
@@ -41,6 +44,7 @@ pub async fn metrics(State(health): State<Arc<Health>>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "health")]
 pub async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
 }

@@ -53,6 +53,7 @@ async fn org_job(conn: &mut PgConnection, org: Uuid, id: Uuid) -> Result<JobView
     .ok_or(StorageError::NotFound("job"))
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}", operation_id = "getJob", tag = "builds")]
 pub async fn get(
     State(state): State<AppState>,
     reader: Reader,
@@ -70,6 +71,12 @@ pub async fn get(
     Ok(Json(job))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/retry",
+    operation_id = "retryJob",
+    tag = "builds"
+)]
 pub async fn retry(
     State(state): State<AppState>,
     Org(org): Org,

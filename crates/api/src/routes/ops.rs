@@ -8,6 +8,12 @@ use herald_storage::notify::{self as store, TYPES};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+#[utoipa::path(
+    get,
+    path = "/v1/ops/notification-types",
+    operation_id = "listNotificationTypes",
+    tag = "operator"
+)]
 pub async fn list_types(
     State(state): State<AppState>,
     _admin: Admin,
@@ -24,7 +30,7 @@ pub const MAX_RATE: f64 = 1_000_000.0;
 /// The documented range of `burst` is 1 to this.
 pub const MAX_BURST: i32 = 1_000_000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutType {
     mode: String,
@@ -35,6 +41,12 @@ pub struct PutType {
     reason: String,
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/ops/notification-types/{type}",
+    operation_id = "putNotificationType", request_body = PutType,
+    tag = "operator"
+)]
 pub async fn put_type(
     State(state): State<AppState>,
     admin: Admin,
@@ -87,6 +99,12 @@ pub async fn put_type(
     Ok(Json(t))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/ops/queues",
+    operation_id = "listQueues",
+    tag = "operator"
+)]
 pub async fn queues(State(state): State<AppState>, _admin: Admin) -> Result<Json<Value>, ApiError> {
     // Counting backlogs scans them: the replica does it, so an operator polling this
     // during an incident does not load the primary that dispatch needs.
@@ -98,7 +116,7 @@ pub async fn queues(State(state): State<AppState>, _admin: Admin) -> Result<Json
     Ok(Json(json!({"items": items})))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Replay {
     #[serde(default, rename = "type")]
@@ -107,6 +125,12 @@ pub struct Replay {
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/ops/dead-letters/replay",
+    operation_id = "replayDeadLetters", request_body = Replay,
+    tag = "operator"
+)]
 pub async fn replay(
     State(state): State<AppState>,
     _admin: Admin,

@@ -8,12 +8,13 @@ use herald_domain::{parse_repository, Slug};
 use herald_storage::orgs;
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrg {
     slug: String,
 }
 
+#[utoipa::path(post, path = "/v1/orgs", operation_id = "createOrg", request_body = CreateOrg, tag = "operator")]
 pub async fn create_org(
     State(state): State<AppState>,
     _admin: Admin,
@@ -27,13 +28,19 @@ pub async fn create_org(
     Ok((StatusCode::CREATED, Json(org)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePipeline {
     slug: String,
     repository: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/pipelines",
+    operation_id = "createPipeline", request_body = CreatePipeline,
+    tag = "pipelines"
+)]
 pub async fn create_pipeline(
     State(state): State<AppState>,
     Org(org): Org,
@@ -48,6 +55,12 @@ pub async fn create_pipeline(
     Ok((StatusCode::CREATED, Json(p)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/pipelines/{slug}",
+    operation_id = "getPipeline",
+    tag = "pipelines"
+)]
 pub async fn get_pipeline(
     State(state): State<AppState>,
     Org(org): Org,

@@ -43,6 +43,12 @@ async fn figures(conn: &mut PgConnection) -> Result<Figures, StorageError> {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/ops/overview",
+    operation_id = "opsOverview",
+    tag = "operator"
+)]
 pub async fn overview(
     State(state): State<AppState>,
     _admin: Admin,

@@ -45,7 +45,7 @@ pub fn check_events(events: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchWebhook {
     #[serde(default)]
@@ -60,6 +60,12 @@ pub struct PatchWebhook {
     rate_per_s: Option<Option<f64>>,
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/webhooks/{id}",
+    operation_id = "updateWebhook", request_body = PatchWebhook,
+    tag = "webhooks"
+)]
 pub async fn patch(
     State(state): State<AppState>,
     Org(org): Org,
@@ -111,13 +117,19 @@ pub async fn patch(
     Ok(Json(json!(hook)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateSecret {
     #[serde(default)]
     old_secret_valid_s: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks/{id}/rotate-secret",
+    operation_id = "rotateSecret", request_body = RotateSecret,
+    tag = "webhooks"
+)]
 pub async fn rotate_secret(
     State(state): State<AppState>,
     Org(org): Org,
@@ -143,7 +155,7 @@ pub async fn rotate_secret(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Recover {
     since: DateTime<Utc>,
@@ -151,6 +163,12 @@ pub struct Recover {
     until: Option<DateTime<Utc>>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks/{id}/recover",
+    operation_id = "recoverWebhook", request_body = Recover,
+    tag = "webhooks"
+)]
 pub async fn recover(
     State(state): State<AppState>,
     Org(org): Org,
@@ -202,6 +220,12 @@ fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<DateTime
         .transpose()
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{id}/deliveries",
+    operation_id = "listDeliveries",
+    tag = "webhooks"
+)]
 pub async fn deliveries(
     State(state): State<AppState>,
     Org(org): Org,
@@ -235,6 +259,12 @@ pub async fn deliveries(
     Ok(Json(list_response(rows, p.limit, |d| d.id)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/deliveries/{id}",
+    operation_id = "getDelivery",
+    tag = "webhooks"
+)]
 pub async fn get_delivery(
     State(state): State<AppState>,
     Org(org): Org,
@@ -248,6 +278,12 @@ pub async fn get_delivery(
     Ok(Json(v))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/event-types",
+    operation_id = "listEventTypes",
+    tag = "webhooks"
+)]
 pub async fn event_types(Org(_org): Org) -> Json<Value> {
     Json(json!({"items": crate::event_types::catalog()}))
 }

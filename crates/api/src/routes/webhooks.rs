@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     url: String,
@@ -77,6 +77,12 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(v)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks",
+    operation_id = "listWebhooks",
+    tag = "webhooks"
+)]
 pub async fn list(
     State(state): State<AppState>,
     Org(org): Org,
@@ -94,6 +100,12 @@ pub async fn list(
     })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{id}",
+    operation_id = "getWebhook",
+    tag = "webhooks"
+)]
 pub async fn get(
     State(state): State<AppState>,
     Org(org): Org,
@@ -104,6 +116,12 @@ pub async fn get(
     Ok(Json(view(&store::get_webhook(&mut conn, org, id).await?)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/webhooks/{id}",
+    operation_id = "deleteWebhook",
+    tag = "webhooks"
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Org(org): Org,
@@ -116,6 +134,12 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/deliveries/{id}/redeliver",
+    operation_id = "redeliver",
+    tag = "webhooks"
+)]
 pub async fn redeliver(
     State(state): State<AppState>,
     Org(org): Org,
@@ -131,7 +155,7 @@ pub async fn redeliver(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutGithub {
     #[serde(default = "default_api_url")]
@@ -145,6 +169,12 @@ fn default_api_url() -> String {
     "https://api.github.com".into()
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/pipelines/{slug}/github",
+    operation_id = "putGithubIntegration", request_body = PutGithub,
+    tag = "pipelines"
+)]
 pub async fn put_github(
     State(state): State<AppState>,
     Org(org): Org,

@@ -69,14 +69,14 @@ pub struct IncidentArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub backlog: i64,
     /// The outage ends after this long even if the backlog is smaller.
-    #[arg(long, default_value_t = 420.0)]
+    #[arg(long, default_value_t = 300.0)]
     pub outage_max_s: f64,
     /// Seconds the receivers are down before the operator pauses the webhook type
     /// (negative: never paused, the receivers are down the whole outage).
     #[arg(long, default_value_t = 0.0)]
     pub pause_after_s: f64,
     /// The drain ends after this long even if the backlog is not gone.
-    #[arg(long, default_value_t = 540.0)]
+    #[arg(long, default_value_t = 420.0)]
     pub drain_max_s: f64,
     /// Seconds between two reads of GET /v1/ops/overview (each counts the backlog).
     #[arg(long, default_value_t = 5.0)]
@@ -397,17 +397,31 @@ async fn overview_loop(w: Arc<World>, admin: Client, every: Duration) {
     }
 }
 
+/// The operator's switch. A 503 (Herald's database pool exhausted under the load) is
+/// retried, as an operator would, for up to a minute.
 async fn set_webhook_mode(admin: &Client, mode: &str, reason: &str) -> Result<()> {
-    admin
-        .expect(
-            Method::PUT,
-            "/v1/ops/notification-types/webhook",
-            Some(&json!({"mode": mode, "reason": reason})),
-            200,
-        )
-        .await
-        .with_context(|| format!("setting the webhook type to {mode}"))?;
-    Ok(())
+    let started = Instant::now();
+    loop {
+        match admin
+            .expect(
+                Method::PUT,
+                "/v1/ops/notification-types/webhook",
+                Some(&json!({"mode": mode, "reason": reason})),
+                200,
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                println!("[incident] setting the webhook type to {mode} failed ({e}); retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(anyhow!(e))
+                    .with_context(|| format!("setting the webhook type to {mode}"))
+            }
+        }
+    }
 }
 
 /// Prints a progress line every `every` until told to stop.

@@ -58,6 +58,14 @@
 #   HERALD_CHAOS_PG_RESTART                                 pg_ctlcluster <ver> main restart
 #   HERALD_CHAOS_REPLICA_STOP / HERALD_CHAOS_REPLICA_START  pg_ctlcluster <ver> replica stop/start
 #   HERALD_CHAOS_RESTORE      bash scripts/services.sh      run at the end whatever happened
+#
+# Incident replay (issue 13; docs/BENCHMARKS.md):
+#
+#   loadtest/run.sh --scenario incident                       # full: 1,000,000 backlog
+#   loadtest/run.sh --scenario incident --agents 100 --builds-per-s 4 --baseline-s 15 \
+#       --peak-s 15 --degraded-s 15 --backlog 20000 --outage-max-s 60   # smoke
+#
+# Plots (SVG), CSVs and the summary go to docs/bench-raw/incident-<date>/ (--out-dir).
 # Point HERALD_LOADTEST_PRIMARY/REPLICA, HERALD_AMQP__URL and those commands at private
 # instances to run it without touching the shared services.
 set -euo pipefail
@@ -153,11 +161,18 @@ log "herald migrate"
 
 # --- chaos: herald-loadtest runs (and kills) the Herald processes itself -------------
 chaos=0
+incident=0
 prev=""
 for a in "$@"; do
     [[ "$a" == "--scenario=chaos" || ( "$prev" == "--scenario" && "$a" == chaos ) ]] && chaos=1
+    [[ "$a" == "--scenario=incident" || ( "$prev" == "--scenario" && "$a" == incident ) ]] && incident=1
     prev="$a"
 done
+# Incident (issue 13): one token posts every build's commit statuses to the fake GitHub;
+# GitHub's per-token budget (80/min) would be the only thing measured otherwise.
+if ((incident)); then
+    export HERALD_NOTIFY__GITHUB_PER_TOKEN_PER_MINUTE="${HERALD_NOTIFY__GITHUB_PER_TOKEN_PER_MINUTE:-100000}"
+fi
 if ((chaos)); then
     export HERALD_LOG__FILTER="${HERALD_CHAOS_LOG_FILTER:-warn}"
     # Retries within the run, a lost assignment back soon, GitHub's budget out of the way.

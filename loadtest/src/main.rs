@@ -14,6 +14,7 @@ mod builds;
 mod cluster;
 mod fakes;
 mod metrics;
+mod plot;
 mod receivers;
 mod report;
 mod scenarios;
@@ -114,6 +115,8 @@ struct Args {
     notify: receivers::NotifyArgs,
     #[command(flatten)]
     chaos: scenarios::chaos::ChaosArgs,
+    #[command(flatten)]
+    incident: scenarios::incident::IncidentArgs,
 }
 
 async fn run(args: Args) -> Result<()> {
@@ -202,6 +205,9 @@ async fn run(args: Args) -> Result<()> {
             .await?
         }
         Scenario::Chaos => bail!("the chaos scenario runs on its own"),
+        Scenario::Incident => {
+            scenarios::incident::run(&sh, &api, &plain, &admin, pipeline, setup_s).await?
+        }
         Scenario::Storm => {
             scenarios::storm::run(
                 &sh,

@@ -51,6 +51,9 @@ pub enum Scenario {
     Storm,
     /// Issue 10: faults against a multi-process Herald, then a ledger.
     Chaos,
+    /// Issue 13: the Buildkite 2023 incident replayed (peak, slow receivers, outage
+    /// with a paused backlog, drain), sampled every second, plotted.
+    Incident,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -155,7 +158,7 @@ fn events_per_build(jobs: usize) -> [(&'static str, usize); 7] {
     ]
 }
 
-fn matches(pattern: &str, event: &str) -> bool {
+pub fn matches(pattern: &str, event: &str) -> bool {
     if pattern == "*" {
         return true;
     }

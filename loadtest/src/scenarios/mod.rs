@@ -3,5 +3,7 @@
 
 pub mod chaos;
 pub mod dispatch;
+pub mod incident;
+pub mod incident_fakes;
 pub mod storm;
 pub mod webhooks;

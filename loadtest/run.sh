@@ -265,6 +265,7 @@ trap - EXIT
 warnings="$(grep -c -E 'WARN|ERROR' "$SERVER_LOG" || true)"
 log "server log: ${warnings} WARN/ERROR lines in ${SERVER_LOG}"
 if [[ "$warnings" != 0 ]]; then
-    grep -E 'WARN|ERROR' "$SERVER_LOG" | sed -E 's/^[^ ]+ +//' | cut -c1-200 | sort | uniq -c | sort -rn | head -n 10
+    # `head` closes the pipe early: under pipefail that SIGPIPE would be the exit status.
+    { grep -E 'WARN|ERROR' "$SERVER_LOG" | sed -E 's/^[^ ]+ +//' | cut -c1-200 | sort | uniq -c | sort -rn | head -n 10; } || true
 fi
 exit "$rc"

@@ -79,6 +79,7 @@ fn ms(us: Option<u32>) -> Option<f64> {
 
 /// Writes this process's window to `ops_stats` until `cancel`, then removes its row.
 pub async fn publish(pool: PgPool, cancel: CancellationToken) {
+    let mut last = ops_stats::LastWritten::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PUBLISH_EVERY) => {}
@@ -86,12 +87,18 @@ pub async fn publish(pool: PgPool, cancel: CancellationToken) {
         }
         let (n, p50, p99) = snapshot();
         let value = json!({"assigned": n, "p50_ms": ms(p50), "p99_ms": ms(p99)});
+        if !last.due(&value) {
+            continue;
+        }
         let written = match pool.acquire().await {
             Ok(mut c) => ops_stats::publish(&mut c, kinds::DISPATCH, &value).await,
             Err(e) => Err(e.into()),
         };
-        if let Err(e) = written {
-            tracing::debug!(error = %e, "cannot write dispatch figures for /ops");
+        match written {
+            Ok(_) => last.wrote(value),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot write dispatch figures for /ops");
+            }
         }
     }
     if let Ok(mut c) = pool.acquire().await {

@@ -58,18 +58,25 @@ fn value() -> Option<Value> {
 /// Writes this process's throttle figures to `ops_stats` until `cancel`, then removes
 /// its row.
 pub async fn publish(pool: PgPool, cancel: CancellationToken) {
+    let mut last = ops_stats::LastWritten::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = cancel.cancelled() => break,
         }
         let Some(v) = value() else { continue };
+        if !last.due(&v) {
+            continue;
+        }
         let written = match pool.acquire().await {
             Ok(mut c) => ops_stats::publish(&mut c, kinds::THROTTLE, &v).await,
             Err(e) => Err(e.into()),
         };
-        if let Err(e) = written {
-            tracing::debug!(error = %e, "cannot write throttle figures for /ops");
+        match written {
+            Ok(_) => last.wrote(v),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot write throttle figures for /ops");
+            }
         }
     }
     if let Ok(mut c) = pool.acquire().await {

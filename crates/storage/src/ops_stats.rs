@@ -28,6 +28,30 @@ pub fn process() -> &'static str {
     })
 }
 
+/// What a process last wrote of one kind, so that it sends nothing while the value is
+/// unchanged and the row is not yet due for its refresh: a statement that updates no
+/// row is still a transaction, and two kinds every 2 s doubled an idle installation's
+/// commits.
+#[derive(Debug, Default)]
+pub struct LastWritten {
+    last: Option<(serde_json::Value, std::time::Instant)>,
+}
+
+impl LastWritten {
+    /// Whether `value` must be written now.
+    pub fn due(&self, value: &serde_json::Value) -> bool {
+        match &self.last {
+            Some((v, at)) => v != value || at.elapsed().as_secs_f64() >= REFRESH_S,
+            None => true,
+        }
+    }
+
+    /// Records a successful write.
+    pub fn wrote(&mut self, value: serde_json::Value) {
+        self.last = Some((value, std::time::Instant::now()));
+    }
+}
+
 /// Upserts this process's figure of `kind`; returns whether a row was written.
 pub async fn publish(
     conn: &mut PgConnection,
@@ -172,4 +196,24 @@ pub async fn replica_lag_s(conn: &mut PgConnection) -> Result<Option<f64>, Stora
     )
     .fetch_one(conn)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_unchanged_value_is_not_written_again_until_its_refresh() {
+        let mut w = LastWritten::default();
+        assert!(w.due(&json!({"p99_ms": 1.0})));
+        w.wrote(json!({"p99_ms": 1.0}));
+        assert!(!w.due(&json!({"p99_ms": 1.0})));
+        assert!(w.due(&json!({"p99_ms": 2.0})));
+        w.last = Some((
+            json!({"p99_ms": 1.0}),
+            std::time::Instant::now() - std::time::Duration::from_secs_f64(REFRESH_S),
+        ));
+        assert!(w.due(&json!({"p99_ms": 1.0})));
+    }
 }

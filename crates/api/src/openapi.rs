@@ -15,13 +15,28 @@ use std::sync::OnceLock;
 
 // The limits the domain enforces, from the code that enforces them.
 use herald_domain::input::{
-    MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_ENV_NAME_BYTES, MAX_ENV_VARS, MAX_LABEL_BYTES,
-    MAX_MESSAGE_BYTES,
+    MAX_COMMAND_CHARS, MAX_ENV_CHARS, MAX_ENV_NAME_CHARS, MAX_ENV_VARS, MAX_LABEL_CHARS,
+    MAX_MESSAGE_CHARS,
 };
 /// Free text: anything but NUL, which PostgreSQL refuses.
 const NO_NUL: &str = "^[^\\u0000]*$";
 /// One line of text: no control characters (C0, DEL, C1).
 const ONE_LINE: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
+/// The characters `str::trim` removes (Unicode `White_Space`), for the fields the server
+/// trims: such a field needs one character that is not among them.
+macro_rules! white_space {
+    () => {
+        "\\u0009-\\u000D\\u0020\\u0085\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000"
+    };
+}
+/// Free text, trimmed by the server, that is not all white space.
+const NOTE: &str = concat!("^[^\\u0000]*[^\\u0000", white_space!(), "][^\\u0000]*$");
+/// One line, trimmed by the server, that is not all white space.
+const ONE_LINE_TRIMMED: &str = concat!(
+    "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u001F\\u007F-\\u009F",
+    white_space!(),
+    "][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+);
 
 /// The whole document, served at `GET /openapi.json`.
 pub fn document() -> Value {
@@ -1596,7 +1611,8 @@ fn operator_schemas() -> Value {
                     "maximum": crate::routes::ops::MAX_RATE, "description": "Omitted: unchanged."},
                 "burst": {"type": "integer", "nullable": true, "minimum": 1, "maximum": crate::routes::ops::MAX_BURST,
                     "description": "Omitted: unchanged."},
-                "reason": {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": NO_NUL},
+                "reason": {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": NOTE,
+                    "description": "Why; surrounding white space is trimmed."},
             },
             "example": {"mode": "paused", "reason": "receiver maintenance"},
         },
@@ -1670,8 +1686,9 @@ fn build_schemas() -> Value {
                 "api_url": {"type": "string", "format": "uri", "default": "https://api.github.com",
                     "maxLength": 2048, "pattern": "^https?://[^\\s\\u0000-\\u001F\\u007F-\\u009F]+$",
                     "description": "GitHub's (or GitHub Enterprise's) API base URL, http or https."},
-                "token": {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": ONE_LINE,
-                    "description": "A token allowed to create commit statuses. Never shown again."},
+                "token": {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": ONE_LINE_TRIMMED,
+                    "description": "A token allowed to create commit statuses; surrounding white \
+                        space is trimmed. Never shown again."},
                 "job_statuses": {"type": "boolean", "default": false,
                     "description": "Also post one status per job."},
             },
@@ -1721,8 +1738,8 @@ fn new_job_schema() -> Value {
         "properties": {
             "key": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,100}$",
                 "description": "Unique within the build."},
-            "command": {"type": "string", "default": "", "maxLength": MAX_COMMAND_BYTES,
-                "pattern": NO_NUL, "description": "What the agent runs; at most 64 KiB (bytes)."},
+            "command": {"type": "string", "default": "", "maxLength": MAX_COMMAND_CHARS,
+                "pattern": NO_NUL, "description": "What the agent runs; at most 65,536 characters."},
             "queue": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$", "default": "default",
                 "description": "Only agents listening on this queue get the job."},
             "depends_on": {"type": "array", "default": [], "maxItems": crate::MAX_JOBS,
@@ -1731,12 +1748,12 @@ fn new_job_schema() -> Value {
             "priority": {"type": "integer", "format": "int32", "default": 0,
                 "minimum": i32::MIN, "maximum": i32::MAX,
                 "description": "Higher runs first; ties go to the longest scheduled."},
-            "label": {"type": "string", "nullable": true, "maxLength": MAX_LABEL_BYTES, "pattern": NO_NUL},
+            "label": {"type": "string", "nullable": true, "maxLength": MAX_LABEL_CHARS, "pattern": NO_NUL},
             "env": {"type": "object", "default": {}, "maxProperties": MAX_ENV_VARS,
-                "additionalProperties": {"type": "string", "maxLength": MAX_ENV_BYTES, "pattern": NO_NUL},
-                "description": format!("Environment variables for the command. Names are 1-{MAX_ENV_NAME_BYTES} \
+                "additionalProperties": {"type": "string", "maxLength": MAX_ENV_CHARS, "pattern": NO_NUL},
+                "description": format!("Environment variables for the command. Names are 1-{MAX_ENV_NAME_CHARS} \
                     bytes without `=` or control characters; names and values total at most \
-                    {MAX_ENV_BYTES} bytes.")},
+                    {MAX_ENV_CHARS} bytes.")},
         },
     })
 }
@@ -1752,7 +1769,7 @@ fn create_build_schema() -> Value {
             "branch": {"type": "string", "default": "main", "minLength": 1, "maxLength": 255,
                 "pattern": ONE_LINE,
                 "description": "Without control characters."},
-            "message": {"type": "string", "nullable": true, "maxLength": MAX_MESSAGE_BYTES, "pattern": NO_NUL},
+            "message": {"type": "string", "nullable": true, "maxLength": MAX_MESSAGE_CHARS, "pattern": NO_NUL},
             "jobs": {"type": "array", "minItems": 1, "maxItems": 500, "items": schema("NewJob"),
                 "description": "Unique keys, known dependencies, no cycles."},
         },
@@ -1831,8 +1848,8 @@ fn agent_schemas() -> Value {
             "additionalProperties": false,
             "required": ["name"],
             "properties": {
-                "name": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": ONE_LINE,
-                    "description": "Without control characters; surrounding spaces are trimmed."},
+                "name": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": ONE_LINE_TRIMMED,
+                    "description": "Without control characters; surrounding white space is trimmed."},
                 "queues": {"type": "array", "minItems": 1, "maxItems": 32, "default": ["default"],
                     "items": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
                     "description": "Queues it takes jobs from."},
@@ -2313,7 +2330,7 @@ mod tests {
         let job = &s["NewJob"]["properties"];
         assert_eq!(job["timeout_s"]["minimum"], 1);
         assert_eq!(job["timeout_s"]["maximum"], 86400);
-        assert_eq!(job["command"]["maxLength"], MAX_COMMAND_BYTES);
+        assert_eq!(job["command"]["maxLength"], MAX_COMMAND_CHARS);
         assert_eq!(job["command"]["pattern"], NO_NUL);
         assert_eq!(job["env"]["maxProperties"], MAX_ENV_VARS);
         let rule = &job["retry"]["properties"]["automatic"]["items"]["properties"]["limit"];
@@ -2325,15 +2342,16 @@ mod tests {
         assert_eq!(build["branch"]["maxLength"], 255);
         assert_eq!(build["branch"]["pattern"], ONE_LINE);
         assert_eq!(build["jobs"]["maxItems"], crate::MAX_JOBS);
-        assert_eq!(build["message"]["maxLength"], MAX_MESSAGE_BYTES);
+        assert_eq!(build["message"]["maxLength"], MAX_MESSAGE_CHARS);
         let put = &s["PutNotificationTypeRequest"]["properties"];
         assert_eq!(put["rate_per_s"]["minimum"], crate::routes::ops::MIN_RATE);
         assert_eq!(put["rate_per_s"]["maximum"], crate::routes::ops::MAX_RATE);
         assert_eq!(put["burst"]["maximum"], crate::routes::ops::MAX_BURST);
         assert_eq!(
             s["RegisterAgentRequest"]["properties"]["name"]["pattern"],
-            ONE_LINE
+            ONE_LINE_TRIMMED
         );
+        assert_eq!(put["reason"]["pattern"], NOTE);
         let key = doc["paths"]["/v1/pipelines/{slug}/builds"]["post"]["parameters"]
             .as_array()
             .and_then(|ps| ps.iter().find(|p| p["name"] == "Idempotency-Key"))
@@ -2351,6 +2369,29 @@ mod tests {
                 .as_str()
                 .is_some_and(|d| d.contains("64 MiB"))
         );
+    }
+
+    /// A string the trimmed fields' patterns allow is one the server accepts, and the
+    /// other way round (`\u{b}` alone was a schema-valid reason that got a 422).
+    #[test]
+    fn trimmed_patterns_agree_with_the_server() {
+        let note = regex::Regex::new(NOTE).expect("NOTE compiles");
+        let one_line = regex::Regex::new(ONE_LINE_TRIMMED).expect("ONE_LINE_TRIMMED compiles");
+        let samples = (0u32..0x3100)
+            .filter_map(char::from_u32)
+            .map(|c| c.to_string())
+            .chain(["  a ", "\u{b}\u{b}", " \u{a0} ", "a\0"].map(String::from));
+        for s in samples {
+            assert_eq!(
+                note.is_match(&s),
+                herald_domain::note("reason", &s, 1000).is_ok(),
+                "reason {s:?}"
+            );
+            let trimmed = s.trim();
+            let server = herald_domain::line("name", trimmed, 255).is_ok()
+                && !s.chars().any(char::is_control);
+            assert_eq!(one_line.is_match(&s), server, "name {s:?}");
+        }
     }
 
     #[test]

@@ -122,7 +122,7 @@ impl QueueName {
 
 impl Branch {
     pub fn parse(s: &str) -> Result<Self, InputError> {
-        if !s.is_empty() && s.len() <= 255 && !s.chars().any(char::is_control) {
+        if !s.is_empty() && s.chars().count() <= 255 && !s.chars().any(char::is_control) {
             Ok(Branch(s.to_owned()))
         } else {
             Err(InputError::new(
@@ -133,44 +133,64 @@ impl Branch {
     }
 }
 
-/// Most bytes a job's `command` may have.
-pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
-/// Most bytes a job's `label` may have.
-pub const MAX_LABEL_BYTES: usize = 255;
+// Limits count characters (Unicode scalar values), as JSON Schema's `maxLength` does,
+// so a request the OpenAPI description allows is one the server accepts.
+
+/// Most characters a job's `command` may have.
+pub const MAX_COMMAND_CHARS: usize = 64 * 1024;
+/// Most characters a job's `label` may have.
+pub const MAX_LABEL_CHARS: usize = 255;
 /// Most variables in a job's `env`.
 pub const MAX_ENV_VARS: usize = 100;
-/// Most bytes of an env variable's name.
-pub const MAX_ENV_NAME_BYTES: usize = 255;
-/// Most bytes of a job's whole `env`, names and values together.
-pub const MAX_ENV_BYTES: usize = 32 * 1024;
-/// Most bytes of a build's `message`.
-pub const MAX_MESSAGE_BYTES: usize = 10_000;
+/// Most characters of an env variable's name.
+pub const MAX_ENV_NAME_CHARS: usize = 255;
+/// Most characters of a job's whole `env`, names and values together.
+pub const MAX_ENV_CHARS: usize = 32 * 1024;
+/// Most characters of a build's `message`.
+pub const MAX_MESSAGE_CHARS: usize = 10_000;
 
 /// Free text that PostgreSQL can store: no NUL (which `text` and `jsonb` refuse), at
-/// most `max` bytes. Other control characters (newlines, tabs) are fine here.
+/// most `max` characters. Other control characters (newlines, tabs) are fine here.
 pub fn text(field: &str, s: &str, max: usize) -> Result<(), InputError> {
     if s.contains('\0') {
         return Err(InputError::new(field, "must not contain NUL characters"));
     }
-    if s.len() > max {
+    if s.chars().count() > max {
         return Err(InputError::new(
             field,
-            format!("must be at most {max} bytes"),
+            format!("must be at most {max} characters"),
         ));
     }
     Ok(())
 }
 
-/// One line of printable text (names, tokens, URLs): 1 to `max` bytes, no control
+/// One line of printable text (names, tokens, URLs): 1 to `max` characters, no control
 /// characters at all.
 pub fn line(field: &str, s: &str, max: usize) -> Result<(), InputError> {
-    if s.is_empty() || s.len() > max || s.chars().any(char::is_control) {
+    if s.is_empty() || s.chars().count() > max || s.chars().any(char::is_control) {
         return Err(InputError::new(
             field,
-            format!("must be 1-{max} bytes without control characters"),
+            format!("must be 1-{max} characters without control characters"),
         ));
     }
     Ok(())
+}
+
+/// A note a person writes (an operator's `reason`): trimmed, then 1 to `max`
+/// characters with at least one that is not white space, and no NUL. Returns the
+/// trimmed text, which is what gets stored.
+pub fn note<'a>(field: &str, s: &'a str, max: usize) -> Result<&'a str, InputError> {
+    let s = s.trim();
+    if s.contains('\0') {
+        return Err(InputError::new(field, "must not contain NUL characters"));
+    }
+    if s.is_empty() || s.chars().count() > max {
+        return Err(InputError::new(
+            field,
+            format!("say why, in 1-{max} characters that are not all white space"),
+        ));
+    }
+    Ok(s)
 }
 
 /// A job's free-form fields: `command`, `label` and `env`.
@@ -179,9 +199,9 @@ pub fn job_text(
     label: Option<&str>,
     env: &std::collections::HashMap<String, String>,
 ) -> Result<(), InputError> {
-    text("jobs[].command", command, MAX_COMMAND_BYTES)?;
+    text("jobs[].command", command, MAX_COMMAND_CHARS)?;
     if let Some(label) = label {
-        text("jobs[].label", label, MAX_LABEL_BYTES)?;
+        text("jobs[].label", label, MAX_LABEL_CHARS)?;
     }
     if env.len() > MAX_ENV_VARS {
         return Err(InputError::new(
@@ -192,24 +212,24 @@ pub fn job_text(
     let mut total = 0;
     for (name, value) in env {
         if name.is_empty()
-            || name.len() > MAX_ENV_NAME_BYTES
+            || name.chars().count() > MAX_ENV_NAME_CHARS
             || name.contains('=')
             || name.chars().any(char::is_control)
         {
             return Err(InputError::new(
                 "jobs[].env",
                 format!(
-                    "variable names must be 1-{MAX_ENV_NAME_BYTES} bytes without `=` or control characters"
+                    "variable names must be 1-{MAX_ENV_NAME_CHARS} characters without `=` or control characters"
                 ),
             ));
         }
-        text("jobs[].env", value, MAX_ENV_BYTES)?;
-        total += name.len() + value.len();
+        text("jobs[].env", value, MAX_ENV_CHARS)?;
+        total += name.chars().count() + value.chars().count();
     }
-    if total > MAX_ENV_BYTES {
+    if total > MAX_ENV_CHARS {
         return Err(InputError::new(
             "jobs[].env",
-            format!("names and values must total at most {MAX_ENV_BYTES} bytes"),
+            format!("names and values must total at most {MAX_ENV_CHARS} characters"),
         ));
     }
     Ok(())
@@ -242,6 +262,24 @@ pub fn parse_repository(s: &str) -> Result<String, InputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notes_are_trimmed_and_counted_in_characters() {
+        assert_eq!(note("reason", "  deploy  ", 1000).ok(), Some("deploy"));
+        for blank in ["", " ", "\u{b}", "\t\n", "\u{a0}", "\u{3000}"] {
+            assert!(note("reason", blank, 1000).is_err(), "{blank:?}");
+        }
+        assert!(note("reason", "a\0b", 1000).is_err());
+        // 1000 characters of three bytes each is within a 1000-character limit.
+        assert!(note("reason", &"\u{20ac}".repeat(1000), 1000).is_ok());
+        assert!(note("reason", &"a".repeat(1001), 1000).is_err());
+    }
+
+    #[test]
+    fn a_branch_is_limited_in_characters() {
+        assert!(Branch::parse(&"\u{e9}".repeat(255)).is_ok());
+        assert!(Branch::parse(&"a".repeat(256)).is_err());
+    }
 
     #[test]
     fn slugs() {
@@ -292,6 +330,6 @@ mod tests {
         assert!(job_text("make", None, &env("A\0", "1")).is_err());
         assert!(job_text("make", None, &env("A", "\0")).is_err());
         assert!(job_text("make", None, &env("", "1")).is_err());
-        assert!(job_text("make", None, &env("A", &"x".repeat(MAX_ENV_BYTES))).is_err());
+        assert!(job_text("make", None, &env("A", &"x".repeat(MAX_ENV_CHARS))).is_err());
     }
 }

@@ -15,6 +15,6 @@ pub use build::{derive_build_state, plan_propagation, PropagationJob};
 pub use events::{pattern_matches, valid_pattern, EventType};
 pub use graph::{validate_jobs, GraphError, JobSpec, RawJob, MAX_JOBS_PER_BUILD};
 pub use input::{
-    line, parse_repository, text, Branch, CommitSha, InputError, JobKey, QueueName, Slug,
+    line, note, parse_repository, text, Branch, CommitSha, InputError, JobKey, QueueName, Slug,
 };
 pub use states::{AgentAction, AgentState, BuildState, JobAction, JobState, TransitionError};

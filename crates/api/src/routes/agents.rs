@@ -40,7 +40,7 @@ pub async fn register(
     ApiJson(body): ApiJson<RegisterAgent>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let name = body.name.trim();
-    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > 255 || name.chars().any(char::is_control) {
         return Err(ApiError::invalid(
             "name: must be 1-255 characters without control characters",
         ));

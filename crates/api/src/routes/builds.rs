@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_domain::input::MAX_MESSAGE_BYTES;
+use herald_domain::input::MAX_MESSAGE_CHARS;
 use herald_domain::{text, validate_jobs, Branch, BuildState, CommitSha, RawJob, Slug};
 use herald_storage::builds::{self, BuildFilter, NewBuild};
 use herald_storage::channels;
@@ -53,7 +53,7 @@ pub async fn create(
     let commit = CommitSha::parse(&body.commit)?;
     let branch = Branch::parse(&body.branch)?;
     if let Some(m) = &body.message {
-        text("message", m, MAX_MESSAGE_BYTES)?;
+        text("message", m, MAX_MESSAGE_CHARS)?;
     }
     let jobs = validate_jobs(body.jobs)?;
     let slug = super::path_slug(&slug)?;

@@ -3,7 +3,7 @@ use crate::extract::{Admin, ApiJson};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::Json;
-use herald_domain::text;
+use herald_domain::note;
 use herald_storage::notify::{self as store, TYPES};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -78,11 +78,7 @@ pub async fn put_type(
             )))
         }
     };
-    let reason = body.reason.trim();
-    if reason.is_empty() || reason.len() > 1000 {
-        return Err(ApiError::invalid("reason: say why, in 1-1000 characters"));
-    }
-    text("reason", reason, 1000)?;
+    let reason = note("reason", &body.reason, 1000)?;
     let mut tx = state.router.primary().begin().await?;
     let t = store::set_notification_type(
         &mut tx,

@@ -28,8 +28,8 @@ pub use consumer::{
 pub use error::BusError;
 pub use publisher::{OutgoingMessage, Publisher, PUBLISH_TIMEOUT};
 pub use topology::{
-    declare_queue, declare_topology, delete_topology, queue_depth, Names, DELIVERY_LIMIT,
-    DISPATCH_BINDINGS,
+    declare_queue, declare_topology, delete_topology, queue_depth, Names, COMMIT_STATUS_BINDINGS,
+    DELIVERY_LIMIT, DISPATCH_BINDINGS,
 };
 
 /// Re-export of the AMQP client, so that callers need not depend on it directly.

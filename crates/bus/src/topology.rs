@@ -15,6 +15,9 @@ pub const DELIVERY_LIMIT: i32 = 20;
 /// Routing keys the dispatch queue listens to by default.
 pub const DISPATCH_BINDINGS: &[&str] = &["job.finished"];
 
+/// The events a commit status can follow: builds', and jobs' for per-job statuses.
+pub const COMMIT_STATUS_BINDINGS: &[&str] = &["build.*", "job.*"];
+
 /// Exchange and queue names derived from the prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Names {
@@ -55,6 +58,12 @@ impl Names {
     /// `{p}.notify`
     pub fn notify_queue(&self) -> String {
         format!("{}.notify", self.prefix)
+    }
+
+    /// `{p}.notify.commit_status`: the same events as `{p}.notify`, for the commit-status
+    /// fan-out alone, so that a webhook backlog never holds a commit status back.
+    pub fn commit_status_queue(&self) -> String {
+        format!("{}.notify.commit_status", self.prefix)
     }
 
     /// `{p}.deliver.{kind}`
@@ -103,6 +112,7 @@ fn quorum_args(dead_letter_exchange: Option<&str>) -> FieldTable {
 /// * quorum queue `{p}.dispatch` (DLX `{p}.dlx`, delivery limit 20) bound to `{p}.events` with
 ///   [`DISPATCH_BINDINGS`];
 /// * quorum queue `{p}.notify` (DLX `{p}.dlx`, delivery limit 20) bound to `{p}.events` with `#`;
+/// * quorum queue `{p}.notify.commit_status` (likewise) bound with [`COMMIT_STATUS_BINDINGS`];
 /// * quorum queues `{p}.deliver.webhook` and `{p}.deliver.github_commit_status`, unbound.
 ///
 /// A declaration that conflicts with an existing entity closes the channel (406).
@@ -134,6 +144,13 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> Result<(), Bu
         .await?;
     declare_queue(channel, names, &names.dispatch_queue(), DISPATCH_BINDINGS).await?;
     declare_queue(channel, names, &names.notify_queue(), &["#"]).await?;
+    declare_queue(
+        channel,
+        names,
+        &names.commit_status_queue(),
+        COMMIT_STATUS_BINDINGS,
+    )
+    .await?;
     // The notification pools' own queues take messages by name through the default
     // exchange: they must exist before anything is published to them.
     for kind in DELIVERY_KINDS {
@@ -211,6 +228,7 @@ pub async fn delete_topology(
     let mut queues = vec![
         names.dispatch_queue(),
         names.notify_queue(),
+        names.commit_status_queue(),
         names.dead_letter_queue(),
     ];
     queues.extend(DELIVERY_KINDS.iter().map(|k| names.delivery_queue(k)));

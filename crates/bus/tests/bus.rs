@@ -120,6 +120,7 @@ async fn names_are_derived_from_the_prefix() {
     assert_eq!(n.dead_letter_queue(), "herald.dead");
     assert_eq!(n.dispatch_queue(), "herald.dispatch");
     assert_eq!(n.notify_queue(), "herald.notify");
+    assert_eq!(n.commit_status_queue(), "herald.notify.commit_status");
     assert_eq!(n.delivery_queue("webhook"), "herald.deliver.webhook");
 }
 
@@ -139,6 +140,7 @@ async fn topology_declaration_is_idempotent() {
             names.dead_letter_queue(),
             names.dispatch_queue(),
             names.notify_queue(),
+            names.commit_status_queue(),
             extra.clone(),
         ] {
             assert_eq!(queue_depth(&ch, &q).await?, (0, 0), "{q}");

@@ -184,6 +184,7 @@ pub async fn start(cfg: Config, roles: BTreeSet<Role>) -> anyhow::Result<Running
         let queue_names = vec![
             names.dispatch_queue(),
             names.notify_queue(),
+            names.commit_status_queue(),
             names.delivery_queue("webhook"),
             names.delivery_queue("github_commit_status"),
             names.dead_letter_queue(),

@@ -183,6 +183,20 @@ impl Config {
                 bail!("invalid configuration: {key} must be a positive number");
             }
         }
+        for (key, v) in [
+            (
+                "notify.throttle.min_factor",
+                self.notify.throttle.min_factor,
+            ),
+            (
+                "notify.throttle.commit_status_min_factor",
+                self.notify.throttle.commit_status_min_factor,
+            ),
+        ] {
+            if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+                bail!("invalid configuration: {key} must be a number from 0 to 1");
+            }
+        }
         let otlp = self.telemetry.otlp_endpoint.trim();
         if !(otlp.is_empty() || otlp.starts_with("http://") || otlp.starts_with("https://")) {
             bail!("invalid configuration: telemetry.otlp_endpoint must be an http:// or https:// URL, or empty");

@@ -964,7 +964,7 @@ async fn dispatch_latency_reported_by_another_process_throttles_notifications() 
                 json!([{"key": "a"}, {"key": "b", "depends_on": ["a"]}]),
             )
             .await;
-            let factor = throttle_factor(&app).await.filter(|f| *f < 1.0)?;
+            let factor = throttle_factor(&app).await.filter(|f| *f < 0.5)?;
             let signal = r#"herald_notify_throttle_signal_seconds{signal="dispatch_latency"}"#;
             let seen = metric(&app, signal).await.filter(|v| *v > 0.0)?;
             Some((factor, seen))
@@ -972,6 +972,32 @@ async fn dispatch_latency_reported_by_another_process_throttles_notifications() 
     )
     .await;
     eprintln!("throttle factor fell to {lowest}; dispatch latency seen {seen} s");
+    // Webhooks are scaled by the factor; commit statuses no lower than
+    // notify.throttle.commit_status_min_factor (0.5).
+    let (_, types) = call(&app.admin, Method::GET, "/v1/ops/notification-types", None).await;
+    let configured = |kind: &str| {
+        types["items"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["type"] == kind))
+            .and_then(|t| t["rate_per_s"].as_f64())
+            .expect("configured rate")
+    };
+    let (web, gh) = (configured("webhook"), configured("github_commit_status"));
+    let (web_now, gh_now) = eventually(T, "the webhook rate scaled below half", || async {
+        let rate = |kind: &'static str| {
+            let app = &app;
+            async move {
+                metric(app, &format!("herald_notify_rate_limit{{type=\"{kind}\"}}")).await
+            }
+        };
+        let web_now = rate("webhook").await.filter(|r| *r < web * 0.5)?;
+        Some((web_now, rate("github_commit_status").await?))
+    })
+    .await;
+    assert!(
+        gh_now >= gh * 0.5 - 1e-9,
+        "commit statuses throttled to {gh_now}/s of {gh}/s while webhooks ran at {web_now}/s of {web}/s"
+    );
     // Without dispatch activity there is no report, and the factor climbs back.
     eventually(
         T,
@@ -988,22 +1014,22 @@ async fn dispatch_latency_reported_by_another_process_throttles_notifications() 
     env.cleanup().await;
 }
 
+/// One webhook sender, one message at a time, and room for 100 waiting deliveries.
+const ONE_SENDER_ROOM_FOR_100: [(&str, &str); 5] = [
+    PRIVATE_OK,
+    ("HERALD_NOTIFY__FANOUT_MAX_BACKLOG", "100"),
+    ("HERALD_NOTIFY__WEBHOOK_PREFETCH", "1"),
+    ("HERALD_NOTIFY__WEBHOOK_CONCURRENCY", "1"),
+    ("HERALD_NOTIFY__THROTTLE__ENABLED", "false"),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_webhook_backlog_waits_as_events_not_as_deliveries_and_all_arrive() {
     let env = TestEnv::new().await;
     // One slow sender and a backlog allowance of 100: the fan-out must stop creating
     // deliveries while 100 wait, and create the rest as the sender catches up.
     let mut app = env
-        .start(
-            "api,relay,dispatch,notify",
-            &[
-                PRIVATE_OK,
-                ("HERALD_NOTIFY__FANOUT_MAX_BACKLOG", "100"),
-                ("HERALD_NOTIFY__WEBHOOK_PREFETCH", "1"),
-                ("HERALD_NOTIFY__WEBHOOK_CONCURRENCY", "1"),
-                ("HERALD_NOTIFY__THROTTLE__ENABLED", "false"),
-            ],
-        )
+        .start("api,relay,dispatch,notify", &ONE_SENDER_ROOM_FOR_100)
         .await;
     let (api, _) = org(&app, "acme").await;
     let (url, r) = spawn_receiver(ok_always, Duration::from_millis(5)).await;
@@ -1264,6 +1290,137 @@ async fn copies_of_a_delivery_in_flight_or_answered_2xx_are_not_sent_again() {
 
     publisher.close().await;
     tap.close().await;
+    app.stop().await;
+    env.cleanup().await;
+}
+
+/// `(target_url, state)` of each status a fake GitHub got.
+type Statuses = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A GitHub that accepts every status.
+async fn accept_status(State(got): State<Statuses>, body: axum::body::Bytes) -> StatusCode {
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    got.lock()
+        .expect("lock")
+        .push((field("target_url"), field("state")));
+    StatusCode::CREATED
+}
+
+/// The Buildkite incident's lesson for commit statuses: while webhook receivers hold a
+/// backlog, the webhook fan-out waits for room, and a build's status must not wait
+/// with it (it did, before the commit-status fan-out had a queue of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commit_statuses_arrive_while_the_webhook_fan_out_waits_for_room() {
+    let env = TestEnv::new().await;
+    let mut app = env
+        .start(
+            "api,relay,dispatch,notify",
+            &[
+                ONE_SENDER_ROOM_FOR_100.as_slice(),
+                &[
+                    ("HERALD_NOTIFY__WEBHOOK_TIMEOUT_S", "60"),
+                    ("HERALD_NOTIFY__GITHUB_PER_TOKEN_PER_MINUTE", "6000"),
+                ],
+            ]
+            .concat(),
+        )
+        .await;
+    let (api, _) = org(&app, "acme").await;
+    // Receivers that hold every request: the webhook queue only grows.
+    let (go, release) = tokio::sync::watch::channel(false);
+    let held = Holding {
+        seen: Arc::default(),
+        release,
+    };
+    let url = serve_hook(
+        Router::new()
+            .route("/hook", post(hold))
+            .with_state(held.clone()),
+    )
+    .await;
+    for _ in 0..5 {
+        let (s, w) = call(
+            &api,
+            Method::POST,
+            "/v1/webhooks",
+            Some(json!({"url": url, "events": ["*"]})),
+        )
+        .await;
+        assert_eq!(s, 201, "{w}");
+    }
+    let statuses: Statuses = Arc::default();
+    let gh = Router::new()
+        .route("/repos/{owner}/{repo}/statuses/{sha}", post(accept_status))
+        .with_state(statuses.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, gh).await;
+    });
+    let (s, g) = call(
+        &api,
+        Method::PUT,
+        "/v1/pipelines/web/github",
+        Some(json!({"api_url": format!("http://{addr}"), "token": "ghp_test"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{g}");
+
+    // 40 builds × 4 events × 5 endpoints = 800 deliveries owed, against room for 100.
+    for _ in 0..40 {
+        api.create_build(
+            "web",
+            &build_body(json!([{"key": "a"}, {"key": "b"}, {"key": "c"}])),
+        )
+        .await
+        .expect("create");
+    }
+    eventually(T, "the webhook fan-out to wait for room", || async {
+        metric(&app, "herald_notify_fanout_paused_total")
+            .await
+            .filter(|&p| p > 0.0)
+    })
+    .await;
+
+    // A build canceled now: its `error` status arrives while the webhooks still wait.
+    let b = api
+        .create_build("web", &build_body(json!([{"key": "a"}])))
+        .await
+        .expect("create");
+    let id = b["id"].as_str().expect("id").to_owned();
+    let (s, _) = call(&api, Method::POST, &format!("/v1/builds/{id}/cancel"), None).await;
+    assert_eq!(s, 200);
+    eventually(
+        Duration::from_secs(20),
+        "the canceled build's status",
+        || async {
+            statuses
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|(target, state)| target.ends_with(&id) && state == "error")
+                .then_some(())
+        },
+    )
+    .await;
+    let rows = env.count("SELECT count(*) FROM deliveries").await;
+    assert!(
+        rows < 800,
+        "the webhook backlog had drained ({rows} deliveries), so this proved nothing"
+    );
+    // The commit-status fan-out's queue is an operator's queue like the others.
+    let (_, q) = call(&app.admin, Method::GET, "/v1/ops/queues", None).await;
+    let name = format!("{}.notify.commit_status", env.prefix);
+    assert!(
+        q["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().any(|i| i["name"] == name.as_str())),
+        "{q}"
+    );
+    let _ = go.send(true);
     app.stop().await;
     env.cleanup().await;
 }

@@ -1,7 +1,10 @@
-//! Fan-out: one event in, its deliveries out. Consumes `{prefix}.notify`, resolves
-//! subscriptions through the cache, records every delivery once (the unique key on
-//! event × endpoint makes a redelivered event harmless), and hands the new ones to the
-//! per-type queues after commit.
+//! Fan-out: one event in, its deliveries out. Two consumers of the same events:
+//! `{prefix}.notify` records webhook deliveries (waiting while the webhook queue is
+//! full), `{prefix}.notify.commit_status` records the commit status a build wants.
+//! Each resolves subscriptions through the cache and records its work once (unique keys
+//! make a redelivered event harmless), then hands new work to the per-type queues after
+//! commit. They share no queue and no slot, so a webhook backlog never holds a commit
+//! status back.
 
 use crate::commit_status;
 use crate::controls::Mode;
@@ -15,27 +18,42 @@ use std::time::Duration;
 use tracing::Instrument;
 use uuid::Uuid;
 
-pub async fn handle(n: Arc<Notifier>, msg: Incoming) -> Outcome {
+/// The fields every event carries, or why the message is dead-lettered.
+fn parse(msg: &Incoming) -> Result<(Value, Uuid, Uuid, EventType), Outcome> {
     let Ok(event) = serde_json::from_slice::<Value>(&msg.body) else {
-        return Outcome::DeadLetter;
+        return Err(Outcome::DeadLetter);
     };
+    let field = |name: &str| event.get(name).and_then(Value::as_str);
     let parsed = (
-        event
-            .get("id")
-            .and_then(Value::as_str)
-            .and_then(|s| Uuid::parse_str(s).ok()),
-        event
-            .get("org_id")
-            .and_then(Value::as_str)
-            .and_then(|s| Uuid::parse_str(s).ok()),
-        event
-            .get("type")
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse::<EventType>().ok()),
+        field("id").and_then(|s| Uuid::parse_str(s).ok()),
+        field("org_id").and_then(|s| Uuid::parse_str(s).ok()),
+        field("type").and_then(|s| s.parse::<EventType>().ok()),
     );
     let (Some(event_id), Some(org), Some(kind)) = parsed else {
         tracing::warn!(routing_key = %msg.routing_key, "malformed event; dead-lettering");
-        return Outcome::DeadLetter;
+        return Err(Outcome::DeadLetter);
+    };
+    Ok((event, event_id, org, kind))
+}
+
+/// What a fan-out's result means for the message.
+fn outcome(result: anyhow::Result<bool>, event_id: Uuid, what: &str) -> Outcome {
+    match result {
+        // Stopping while waiting for room: hand the event back untouched.
+        Ok(false) => Outcome::Requeue,
+        Ok(true) => Outcome::Ack,
+        Err(e) => {
+            tracing::warn!(error = %e, %event_id, "{what} failed; requeueing");
+            Outcome::Requeue
+        }
+    }
+}
+
+/// `{prefix}.notify`: the event's webhook deliveries.
+pub async fn handle(n: Arc<Notifier>, msg: Incoming) -> Outcome {
+    let (event, event_id, org, kind) = match parse(&msg) {
+        Ok(p) => p,
+        Err(o) => return o,
     };
     let _slot = n.fanout_slots.acquire().await;
     let span = herald_trace::span(|| {
@@ -43,22 +61,33 @@ pub async fn handle(n: Arc<Notifier>, msg: Incoming) -> Outcome {
             event.r#type = kind.as_str())
     });
     herald_trace::set_parent(&span, herald_trace::from_headers(&msg.headers));
-    match fan_out(&n, &event, event_id, org, kind)
+    let result = fan_out_webhooks(&n, &event, event_id, org, kind)
         .instrument(span)
-        .await
-    {
-        // Stopping while waiting for room: hand the event back untouched.
-        Ok(false) => Outcome::Requeue,
-        Ok(true) => {
-            metrics::counter!("herald_notify_events_total").increment(1);
-            Outcome::Ack
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, %event_id, "fan-out failed; requeueing");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            Outcome::Requeue
-        }
+        .await;
+    let out = outcome(result, event_id, "fan-out");
+    match out {
+        Outcome::Ack => metrics::counter!("herald_notify_events_total").increment(1),
+        Outcome::Requeue => tokio::time::sleep(Duration::from_millis(200)).await,
+        _ => {}
     }
+    out
+}
+
+/// `{prefix}.notify.commit_status`: the commit status the event asks for, if any.
+pub async fn handle_status(n: Arc<Notifier>, msg: Incoming) -> Outcome {
+    let (event, event_id, org, kind) = match parse(&msg) {
+        Ok(p) => p,
+        Err(o) => return o,
+    };
+    let out = outcome(
+        fan_out_status(&n, &event, org, kind).await.map(|()| true),
+        event_id,
+        "commit-status fan-out",
+    );
+    if out == Outcome::Requeue {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    out
 }
 
 /// How often the fan-out reads the webhook queue's depth.
@@ -158,7 +187,7 @@ impl Backlog {
     }
 }
 
-async fn fan_out(
+async fn fan_out_webhooks(
     n: &Notifier,
     event: &Value,
     event_id: Uuid,
@@ -239,34 +268,52 @@ async fn fan_out(
         }
     }
 
-    if let Some(g) = pipeline.and_then(|p| subs.github.iter().find(|g| g.pipeline == p)) {
-        if let Some(wanted) = wanted_status(n, event, kind, org, g) {
-            let mode = n.controls.mode("github_commit_status");
-            let mut conn = n.pool.acquire().await?;
-            let changed = store::want_status(
-                &mut conn,
-                &wanted,
-                mode == Mode::Disabled,
-                mode == Mode::Paused,
+    Ok(true)
+}
+
+async fn fan_out_status(
+    n: &Notifier,
+    event: &Value,
+    org: Uuid,
+    kind: EventType,
+) -> anyhow::Result<()> {
+    let Some(pipeline) = event
+        .pointer("/data/build/pipeline")
+        .and_then(Value::as_str)
+    else {
+        return Ok(());
+    };
+    let subs = n.cache.org(&n.pool, org).await?;
+    let Some(g) = subs.github.iter().find(|g| g.pipeline == pipeline) else {
+        return Ok(());
+    };
+    let Some(wanted) = wanted_status(n, event, kind, org, g) else {
+        return Ok(());
+    };
+    let mode = n.controls.mode("github_commit_status");
+    let mut conn = n.pool.acquire().await?;
+    let changed = store::want_status(
+        &mut conn,
+        &wanted,
+        mode == Mode::Disabled,
+        mode == Mode::Paused,
+    )
+    .await?;
+    drop(conn);
+    if changed && mode == Mode::Enabled {
+        let m = StatusMsg {
+            repository: wanted.repository,
+            sha: wanted.sha,
+            context: wanted.context,
+        };
+        n.publisher
+            .publish_batch(
+                "",
+                &[m.to_message(&n.names.delivery_queue("github_commit_status"))],
             )
             .await?;
-            drop(conn);
-            if changed && mode == Mode::Enabled {
-                let m = StatusMsg {
-                    repository: wanted.repository,
-                    sha: wanted.sha,
-                    context: wanted.context,
-                };
-                n.publisher
-                    .publish_batch(
-                        "",
-                        &[m.to_message(&n.names.delivery_queue("github_commit_status"))],
-                    )
-                    .await?;
-            }
-        }
     }
-    Ok(true)
+    Ok(())
 }
 
 /// Job attempts within one finish of its build, for ordering rounds.

@@ -1,9 +1,9 @@
 //! Notification fan-out: signed webhooks and GitHub commit statuses, rate-limited,
 //! switchable per type at runtime, and throttled by the health of dispatch.
 //!
-//! Owns its own RabbitMQ queues (`{prefix}.notify`, `{prefix}.deliver.webhook`,
-//! `{prefix}.deliver.github_commit_status`), its own worker pools and its own database
-//! pool, capped below dispatch's. Must never import `herald-dispatch`, share its queue,
+//! Owns its own RabbitMQ queues (`{prefix}.notify`, `{prefix}.notify.commit_status`,
+//! `{prefix}.deliver.webhook`, `{prefix}.deliver.github_commit_status`), its own worker
+//! pools and its own database pool, capped below dispatch's. Must never import `herald-dispatch`, share its queue,
 //! workers or pool, nor hold a transaction open across an HTTP call to a receiver.
 
 pub mod commit_status;
@@ -68,6 +68,10 @@ pub struct ThrottleConfig {
     pub latency_target_ms: f64,
     pub acquire_target_ms: f64,
     pub min_factor: f64,
+    /// Commit statuses are scaled no lower than this: one request per build state,
+    /// coalesced, is too little load to matter to dispatch, and a build's status is
+    /// what its developers wait for.
+    pub commit_status_min_factor: f64,
     pub decrease: f64,
     pub increase: f64,
 }
@@ -371,13 +375,22 @@ pub async fn start(
         cancel.clone(),
     )));
 
-    let consumers: [(String, Vec<&str>, u16, usize, Handler); 3] = [
+    let consumers: [(String, Vec<&str>, u16, usize, Handler); 4] = [
         (
             names.notify_queue(),
             vec!["#"],
             s.fanout_prefetch,
             s.fanout_concurrency,
             Handler::Fanout,
+        ),
+        // Commit statuses fan out from a queue of their own: the webhook fan-out waits
+        // for room in the webhook queue, and a build's status must not wait with it.
+        (
+            names.commit_status_queue(),
+            herald_bus::COMMIT_STATUS_BINDINGS.to_vec(),
+            s.github_prefetch,
+            s.github_concurrency,
+            Handler::StatusFanout,
         ),
         (
             names.delivery_queue("webhook"),
@@ -409,6 +422,7 @@ pub async fn start(
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     match handler {
                         Handler::Fanout => fanout::handle(n, msg).await,
+                        Handler::StatusFanout => fanout::handle_status(n, msg).await,
                         Handler::Webhook => deliver::webhook(n, msg).await,
                         Handler::Github => deliver::commit_status(n, msg).await,
                     }
@@ -434,6 +448,7 @@ pub async fn start(
 #[derive(Clone, Copy)]
 enum Handler {
     Fanout,
+    StatusFanout,
     Webhook,
     Github,
 }

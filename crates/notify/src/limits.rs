@@ -535,9 +535,14 @@ impl Throttle {
     /// Concurrency limit for a pool whose configured maximum is `max`:
     /// `max(1, round(max * factor))`.
     pub fn concurrency(&self, max: usize) -> usize {
-        // usize -> f64 is exact for any realistic pool size.
-        ((max as f64 * self.factor()).round() as usize).clamp(1, max.max(1))
+        scaled_concurrency(max, self.factor())
     }
+}
+
+/// `max` scaled by `factor`, rounded, in `1..=max`.
+pub fn scaled_concurrency(max: usize, factor: f64) -> usize {
+    // usize -> f64 is exact for any realistic pool size.
+    ((max as f64 * factor).round() as usize).clamp(1, max.max(1))
 }
 
 #[derive(Debug)]

@@ -64,19 +64,20 @@ pub async fn run(n: Arc<Notifier>, dispatch: Option<DispatchHealth>, cancel: Can
             1.0
         };
         crate::throttle_stats::factor(factor, n.settings.throttle.enabled);
-        for (kind, limiter) in [
-            ("webhook", &n.webhook_rate),
-            ("github_commit_status", &n.github_rate),
+        let status_factor = factor.max(n.settings.throttle.commit_status_min_factor.min(1.0));
+        for (kind, limiter, f) in [
+            ("webhook", &n.webhook_rate, factor),
+            ("github_commit_status", &n.github_rate, status_factor),
         ] {
             if let Some(t) = n.controls.get(kind) {
                 limiter.set(t.rate_per_s, u32::try_from(t.burst).unwrap_or(1));
             }
-            limiter.set_factor(factor);
+            limiter.set_factor(f);
             metrics::gauge!("herald_notify_rate_limit", "type" => kind)
                 .set(limiter.effective_rate());
         }
         let web = n.throttle.concurrency(n.settings.webhook_concurrency);
-        let gh = n.throttle.concurrency(n.settings.github_concurrency);
+        let gh = crate::limits::scaled_concurrency(n.settings.github_concurrency, status_factor);
         let fan = n.throttle.concurrency(n.settings.fanout_concurrency);
         if applied != (factor, web) {
             n.webhook_slots.set_limit(web);

@@ -9,10 +9,12 @@ use sqlx::{PgConnection, Row};
 use std::sync::OnceLock;
 
 /// A row unchanged this long is rewritten anyway, so that readers can tell a live
-/// process from a dead one.
-pub const REFRESH_S: f64 = 10.0;
-/// Rows older than this belong to a process that stopped or died.
-pub const FRESH_S: f64 = 30.0;
+/// process from a dead one. Every refresh is a commit of an idle installation (whose
+/// budget is 1 a second in all), so a minute.
+pub const REFRESH_S: f64 = 60.0;
+/// Rows older than this belong to a process that stopped or died (a clean stop
+/// removes its rows at once).
+pub const FRESH_S: f64 = 150.0;
 
 pub mod kinds {
     pub const DISPATCH: &str = "dispatch";

@@ -31,6 +31,12 @@
 #
 # (falling back to the hard limit when 65536 is above it).
 #
+# --agents 10000: 10000 long polls hold 10000 sockets in the load test and 10000 in
+# Herald (the limit is per process), plus Herald's database and broker connections:
+# 65536 is enough, a hard limit much below 11000 is not (the line "open-files limit"
+# says which limit was applied). All those sockets go to one address:port, so they also
+# need as many local ports (net.ipv4.ip_local_port_range: 28232 ports by default).
+#
 # Environment (all optional):
 #   HERALD_LOADTEST_PRIMARY   postgres://postgres@127.0.0.1:5432   primary, without database
 #   HERALD_LOADTEST_REPLICA   postgres://postgres@127.0.0.1:5433   replica, without database
@@ -66,6 +72,26 @@
 #       --peak-s 15 --degraded-s 15 --backlog 20000 --outage-max-s 60   # smoke
 #
 # Plots (SVG), CSVs and the summary go to docs/bench-raw/incident-<date>/ (--out-dir).
+#
+# Ceilings (issue 14): the offered load ramps in steps until a target breaks; a table
+# row per step (per-unit costs: primary transactions, WAL bytes, broker messages,
+# Herald CPU) on stdout and in docs/bench-raw/ceilings-<date>/<phase>.md and .csv
+# (--out-dir). The throttle is a server setting, so the webhook ceiling is two runs:
+#
+#   loadtest/run.sh --scenario ceilings --phase jobs --agents 1000
+#   HERALD_NOTIFY__THROTTLE__ENABLED=false loadtest/run.sh --scenario ceilings --phase webhooks \
+#       --agents 200                  # raw pipeline -> webhooks-throttle-off.md
+#   loadtest/run.sh --scenario ceilings --phase webhooks --agents 200 \
+#       --webhook-jobs-per-s 50       # throttle on, 50 jobs/s beside -> webhooks-throttle-on.md
+#
+# Steps: --job-steps 50,100,... (jobs/s) or --delivery-steps 1000,2000,... (deliveries/s);
+# --step-s 20, --step-grace-s 3, --max-steps 12, --max-total-s 1200 stop it by itself.
+# Smoke (debug build, ~2 min):
+#   HERALD_LOADTEST_PROFILE=debug loadtest/run.sh --scenario ceilings --phase jobs --agents 50 \
+#       --job-steps 5,10,20 --step-s 10 --job-max-ms 100 --max-total-s 60
+# Run it with one Herald process (no HERALD_LOADTEST_NOTIFY_NICE): the broker counters and
+# herald_notify_deliveries_created_total come from the process serving /metrics only.
+# This script passes the server pid(s) in HERALD_LOADTEST_HERALD_PIDS for the CPU figures.
 # Point HERALD_LOADTEST_PRIMARY/REPLICA, HERALD_AMQP__URL and those commands at private
 # instances to run it without touching the shared services.
 set -euo pipefail
@@ -249,6 +275,8 @@ done
 log "herald serve ready at ${BASE_URL}"
 
 # --- load test ------------------------------------------------------------------------
+# The ceilings scenario charges the server processes' CPU time to each step.
+export HERALD_LOADTEST_HERALD_PIDS="${SERVER_PID}${NOTIFY_PID:+ ${NOTIFY_PID}}"
 rc=0
 "$BIN/herald-loadtest" \
     --base-url "$BASE_URL" \

@@ -81,11 +81,74 @@ pub fn created_jobs(build: &Value) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-/// Creates builds at a steady rate until `deadline`.
-pub async fn create_builds(api: Client, pipeline: String, sh: Arc<Shared>, deadline: Instant) {
+/// How a load phase offers its builds.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub jobs_per_s: f64,
+    pub jobs_per_build: usize,
+    /// Creator tasks, each with its own schedule and in-flight limit, so that one
+    /// task's pacing loop or semaphore is not what caps the offered rate.
+    pub producers: usize,
+    /// Seconds after the phase to wait for its jobs to be dispatched and finished.
+    pub drain_s: f64,
+}
+
+impl Pace {
+    pub fn of(a: &crate::Args) -> Pace {
+        Pace {
+            jobs_per_s: a.jobs_per_s,
+            jobs_per_build: a.jobs_per_build,
+            producers: 1,
+            drain_s: a.drain_s,
+        }
+    }
+}
+
+/// Creates builds at `pace` until `deadline`, from `pace.producers` tasks; producer
+/// k posts to `pipelines[k % len]`.
+pub async fn create_builds(
+    api: Client,
+    pipelines: Vec<String>,
+    sh: Arc<Shared>,
+    deadline: Instant,
+    pace: Pace,
+) {
+    let n = pace.producers.max(1);
+    if pipelines.is_empty() {
+        return;
+    }
+    let mut producers = JoinSet::new();
+    for k in 0..n {
+        let each = Pace {
+            jobs_per_s: pace.jobs_per_s / n as f64,
+            ..pace
+        };
+        // Spread the producers' schedules over one period.
+        let offset = k as f64 / n as f64;
+        producers.spawn(produce(
+            api.clone(),
+            pipelines[k % pipelines.len()].clone(),
+            sh.clone(),
+            deadline,
+            each,
+            offset,
+        ));
+    }
+    while producers.join_next().await.is_some() {}
+}
+
+/// One producer: a build every period, the first `offset` periods in.
+async fn produce(
+    api: Client,
+    pipeline: String,
+    sh: Arc<Shared>,
+    deadline: Instant,
+    pace: Pace,
+    offset: f64,
+) {
     let a = &sh.args;
-    let per_build = a.jobs_per_build.clamp(1, 500);
-    let builds_per_s = a.jobs_per_s / per_build as f64;
+    let per_build = pace.jobs_per_build.clamp(1, 500);
+    let builds_per_s = pace.jobs_per_s / per_build as f64;
     if !(builds_per_s.is_finite() && builds_per_s > 0.0) {
         return;
     }
@@ -93,7 +156,7 @@ pub async fn create_builds(api: Client, pipeline: String, sh: Arc<Shared>, deadl
     let sem = Arc::new(Semaphore::new(a.max_inflight_builds.max(1)));
     let mut rng = StdRng::from_entropy();
     let mut inflight = JoinSet::new();
-    let start = Instant::now();
+    let start = Instant::now() + period.mul_f64(offset.clamp(0.0, 1.0));
     let mut i: u32 = 0;
     loop {
         let at = start + period * i;

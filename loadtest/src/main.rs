@@ -111,8 +111,18 @@ struct Args {
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 5.0)]
     progress_s: f64,
+    /// Where the incident and ceilings scenarios write their tables, CSVs and plots
+    /// (default docs/bench-raw/<scenario>-<UTC date, and for incident the time>).
+    #[arg(long)]
+    out_dir: Option<std::path::PathBuf>,
+    /// Herald server process ids, separated by spaces or commas, whose CPU time
+    /// (/proc/<pid>/stat) the ceilings scenario charges to each step; run.sh sets it.
+    #[arg(long, env = "HERALD_LOADTEST_HERALD_PIDS")]
+    herald_pids: Option<String>,
     #[command(flatten)]
     notify: receivers::NotifyArgs,
+    #[command(flatten)]
+    ceilings: scenarios::ceilings::CeilingsArgs,
     #[command(flatten)]
     chaos: scenarios::chaos::ChaosArgs,
     #[command(flatten)]
@@ -205,6 +215,18 @@ async fn run(args: Args) -> Result<()> {
             .await?
         }
         Scenario::Chaos => bail!("the chaos scenario runs on its own"),
+        Scenario::Ceilings => {
+            scenarios::ceilings::run(
+                &sh,
+                &api,
+                &plain,
+                &admin,
+                pipeline,
+                primary.as_mut(),
+                setup_s,
+            )
+            .await?
+        }
         Scenario::Incident => {
             scenarios::incident::run(&sh, &api, &plain, &admin, pipeline, setup_s).await?
         }

@@ -57,6 +57,16 @@ impl TxProbe {
         Ok(row.try_get::<i64, _>(0)?)
     }
 
+    /// The primary's WAL position in bytes (`pg_current_wal_lsn`), of the whole
+    /// cluster: every database on it writes there.
+    pub async fn lsn(&mut self) -> Result<i64> {
+        let row = sqlx::raw_sql("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
+            .fetch_one(&mut self.conn)
+            .await
+            .with_context(|| format!("reading pg_current_wal_lsn on the {}", self.label))?;
+        Ok(row.try_get::<i64, _>(0)?)
+    }
+
     /// WAL bytes written and WAL flushes (fsyncs) so far, of the whole cluster
     /// (`pg_stat_wal`): what every commit costs the disk and the replica.
     pub async fn wal(&mut self) -> Result<(i64, i64)> {
@@ -66,6 +76,50 @@ impl TxProbe {
             .with_context(|| format!("reading pg_stat_wal on the {}", self.label))?;
         Ok((row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)?))
     }
+}
+
+/// (busy, total) jiffies of all CPUs, from /proc/stat.
+pub fn cpu_jiffies() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`; 100 when that
+/// fails, the value on every common Linux).
+pub fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// User + system CPU ticks of process `pid` ("self" for this one) so far.
+pub fn process_ticks(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_ticks(&s)
+}
+
+/// utime + stime of a /proc/<pid>/stat line (fields 14 and 15; the command name in
+/// parentheses may hold spaces, so fields are counted after its closing parenthesis).
+fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some(utime + stime)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -242,6 +296,14 @@ pub fn server_report(before: Option<&str>, after: Option<&str>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_proc_stat_cpu_times() {
+        let line = "4242 (herald serve) S 1 4242 4242 0 -1 4194560 900 0 0 0 \
+            150 25 0 0 20 0 9 0 123 456 789";
+        assert_eq!(parse_stat_ticks(line), Some(175));
+        assert_eq!(parse_stat_ticks("garbage"), None);
+    }
 
     #[test]
     fn parses_prometheus_histograms() {

@@ -54,6 +54,9 @@ pub enum Scenario {
     /// Issue 13: the Buildkite 2023 incident replayed (peak, slow receivers, outage
     /// with a paused backlog, drain), sampled every second, plotted.
     Incident,
+    /// Issue 14: the offered load ramps in steps until a target breaks (--phase
+    /// jobs or webhooks); a table row per step, with per-unit costs.
+    Ceilings,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -239,9 +242,9 @@ pub fn new_hist() -> Histogram<u64> {
 impl Receivers {
     /// Binds `hosts` listeners on 127.0.0.1..=127.0.0.hosts and lays out `n` endpoints
     /// over them: the first `fail` answer 500, the next `slow` answer after `slow_ms`.
-    pub async fn start(a: &NotifyArgs) -> Result<Arc<Receivers>> {
-        let n = a.endpoints().max(1);
-        let hosts = a.receiver_hosts.clamp(1, 250);
+    pub async fn start(a: &NotifyArgs, n: usize, hosts: usize) -> Result<Arc<Receivers>> {
+        let n = n.max(1);
+        let hosts = hosts.clamp(1, 250);
         let mut listeners = Vec::new();
         for h in 0..hosts {
             let ip = Ipv4Addr::new(127, 0, 0, u8::try_from(h + 1).unwrap_or(1));
@@ -364,7 +367,25 @@ impl Receivers {
     /// Creates every endpoint's webhook; with `rotate`, rotates its secret at once
     /// (the receiver keeps the old key, whose signature still travels in the header).
     pub async fn create_webhooks(&self, api: &Client, rotate: bool) -> Result<()> {
-        for (i, e) in self.endpoints.iter().enumerate() {
+        self.create_webhooks_of(api, 0..self.endpoints.len(), rotate)
+            .await
+    }
+
+    /// Creates the webhooks of endpoints `range` only (the ceilings scenario adds
+    /// endpoints step by step).
+    pub async fn create_webhooks_of(
+        &self,
+        api: &Client,
+        range: std::ops::Range<usize>,
+        rotate: bool,
+    ) -> Result<()> {
+        for (i, e) in self
+            .endpoints
+            .iter()
+            .enumerate()
+            .skip(range.start)
+            .take(range.len())
+        {
             let body = json!({"url": e.url, "events": [e.pattern]});
             let v = api
                 .expect(Method::POST, "/v1/webhooks", Some(&body), 201)

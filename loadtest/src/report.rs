@@ -12,6 +12,18 @@ use std::sync::atomic::Ordering;
 pub const TARGET_P99_MS: f64 = 25.0;
 pub const TARGET_IDLE_TX_PER_S: f64 = 1.0;
 
+/// The directory a scenario writes its files to: --out-dir, else
+/// docs/bench-raw/<default_name>; created if missing.
+pub fn out_dir(a: &crate::Args, default_name: String) -> anyhow::Result<std::path::PathBuf> {
+    let dir = a
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| std::path::Path::new("docs/bench-raw").join(default_name));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
 pub fn met(ok: bool) -> &'static str {
     if ok {
         "MET"

@@ -2,7 +2,7 @@
 //! under load. The load phase is shared by the notification scenarios.
 
 use crate::agents::{now_us, Shared};
-use crate::builds::create_builds;
+use crate::builds::{create_builds, Pace};
 use crate::metrics::{ms, scrape, server_report, TxProbe};
 use crate::report::{summary, NotifyReport};
 use anyhow::Result;
@@ -122,22 +122,37 @@ pub struct LoadResult {
     pub metrics: Vec<String>,
 }
 
+/// A load phase at the rate, build size and drain of the command line.
 pub async fn load_phase(
     sh: &Arc<Shared>,
     api: &Client,
     plain: &Client,
     pipeline: &str,
+    primary: Option<&mut TxProbe>,
+    seconds: f64,
+) -> LoadResult {
+    let pace = Pace::of(&sh.args);
+    let pipelines = [pipeline.to_owned()];
+    load_phase_at(sh, api, plain, &pipelines, primary, seconds, pace).await
+}
+
+pub async fn load_phase_at(
+    sh: &Arc<Shared>,
+    api: &Client,
+    plain: &Client,
+    pipelines: &[String],
     mut primary: Option<&mut TxProbe>,
     seconds: f64,
+    pace: Pace,
 ) -> LoadResult {
     let a = &sh.args;
     let metrics_before = scrape(plain).await;
-    let per_build = a.jobs_per_build.clamp(1, 500);
+    let per_build = pace.jobs_per_build.clamp(1, 500);
     println!(
         "[load] {:.0} s at {} jobs/s ({:.2} builds/s of {} jobs), jobs sleep {}-{} ms, fail rate {}",
         seconds,
-        a.jobs_per_s,
-        a.jobs_per_s / per_build as f64,
+        pace.jobs_per_s,
+        pace.jobs_per_s / per_build as f64,
         per_build,
         a.job_min_ms,
         a.job_max_ms,
@@ -159,16 +174,17 @@ pub async fn load_phase(
     let deadline = started + Duration::from_secs_f64(seconds.max(0.0));
     let creator = tokio::spawn(create_builds(
         api.clone(),
-        pipeline.to_owned(),
+        pipelines.to_vec(),
         sh.clone(),
         deadline,
+        pace,
     ));
     let every = Duration::from_secs_f64(a.progress_s.max(1.0));
     let mut next = started + every;
     let mut last_dispatched = dispatched_before;
     let mut last_at = started;
     let mut dispatched_in_window = None;
-    let drain_deadline = deadline + Duration::from_secs_f64(a.drain_s.max(0.0));
+    let drain_deadline = deadline + Duration::from_secs_f64(pace.drain_s.max(0.0));
     let mut drained = false;
     loop {
         let now = Instant::now();

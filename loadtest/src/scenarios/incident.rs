@@ -20,7 +20,7 @@
 
 use crate::agents::{new_hist, now_us, Shared};
 use crate::builds::{build_body, created_jobs};
-use crate::metrics::ms;
+use crate::metrics::{cpu_jiffies, ms};
 use crate::plot::{self, HLine, Line, Panel, Phase};
 use crate::receivers::{matches, parse_value};
 use crate::scenarios::incident_fakes::{uuid_bits, Github, Health, Receivers};
@@ -34,7 +34,6 @@ use serde_json::json;
 use sqlx::{Connection, PgConnection, Row};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,10 +80,6 @@ pub struct IncidentArgs {
     /// Seconds between two reads of GET /v1/ops/overview (each counts the backlog).
     #[arg(long, default_value_t = 5.0)]
     pub overview_every_s: f64,
-    /// Where the plots, the CSV and the summary go (default
-    /// docs/bench-raw/incident-<UTC date and time>).
-    #[arg(long)]
-    pub out_dir: Option<PathBuf>,
 }
 
 const PHASES: [&str; 5] = ["baseline", "peak", "degraded", "outage", "drain"];
@@ -218,21 +213,6 @@ async fn wal_and_tx(conn: &mut PgConnection) -> Option<(f64, f64)> {
     .await
     .ok()?;
     Some((row.try_get(0).ok()?, row.try_get(1).ok()?))
-}
-
-/// (busy, total) jiffies of all CPUs.
-fn cpu_jiffies() -> Option<(u64, u64)> {
-    let s = std::fs::read_to_string("/proc/stat").ok()?;
-    let v: Vec<u64> = s
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    Some((total - idle, total))
 }
 
 fn load1() -> Option<f64> {
@@ -687,13 +667,10 @@ pub async fn run(
     let ia = &a.incident;
     let na = &a.notify;
     let started_utc = Utc::now();
-    let out_dir = ia.out_dir.clone().unwrap_or_else(|| {
-        PathBuf::from(format!(
-            "docs/bench-raw/incident-{}",
-            started_utc.format("%Y-%m-%d-%H%M")
-        ))
-    });
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = crate::report::out_dir(
+        a,
+        format!("incident-{}", started_utc.format("%Y-%m-%d-%H%M")),
+    )?;
 
     let (github, github_url) = Github::start().await?;
     api.expect(

@@ -178,11 +178,25 @@ pub struct NotifySetup {
 }
 
 pub async fn setup(sh: &Arc<Shared>, plain: &Client) -> Result<NotifySetup> {
+    let na = &sh.args.notify;
+    let per_build = sh.args.jobs_per_build;
+    setup_sized(sh, plain, na.endpoints(), na.receiver_hosts, per_build).await
+}
+
+/// As [`setup`], with `endpoints` endpoints on `hosts` receivers and builds of
+/// `jobs_per_build` jobs.
+pub async fn setup_sized(
+    sh: &Arc<Shared>,
+    plain: &Client,
+    endpoints: usize,
+    hosts: usize,
+    jobs_per_build: usize,
+) -> Result<NotifySetup> {
     let a = &sh.args;
     let na = &a.notify;
-    let r = Receivers::start(na).await?;
+    let r = Receivers::start(na, endpoints, hosts).await?;
     let pats: Vec<&str> = r.endpoints.iter().map(|e| e.pattern.as_str()).collect();
-    let per_build = receivers::notifications_per_build(&pats, a.jobs_per_build.clamp(1, 500));
+    let per_build = receivers::notifications_per_build(&pats, jobs_per_build.clamp(1, 500));
     let count = |b| r.endpoints.iter().filter(|e| e.behaviour == b).count();
     let hosts: Vec<String> = r.hosts.iter().map(ToString::to_string).collect();
     let layout = format!(

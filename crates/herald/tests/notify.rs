@@ -943,6 +943,10 @@ async fn dispatch_latency_reported_by_another_process_throttles_notifications() 
         PRIVATE_OK,
         ("HERALD_NOTIFY__THROTTLE__LATENCY_TARGET_MS", "0.001"),
         ("HERALD_NOTIFY__THROTTLE__INTERVAL_MS", "100"),
+        // One build at a time reports once or twice a second, and the default step
+        // (0.05 per 100 ms sample) won back each halving before the next report, so the
+        // factor hovered near 0.6. A small step keeps it going down.
+        ("HERALD_NOTIFY__THROTTLE__INCREASE", "0.01"),
     ];
     let mut app = env.start("api,relay,notify", &tight).await;
     let mut dispatch = env.spawn("dispatch", &tight);

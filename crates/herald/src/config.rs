@@ -178,6 +178,10 @@ impl Config {
                 "notify.history_retention_s",
                 self.notify.history_retention_s,
             ),
+            (
+                "notify.claim_restart_grace_s",
+                self.notify.claim_restart_grace_s,
+            ),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 bail!("invalid configuration: {key} must be a positive number");

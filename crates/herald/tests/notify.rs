@@ -1428,3 +1428,109 @@ async fn commit_statuses_arrive_while_the_webhook_fan_out_waits_for_room() {
     app.stop().await;
     env.cleanup().await;
 }
+
+/// A PostgreSQL restart ends every session: a worker that sent a delivery and got its
+/// 2xx may need longer than its 15 s claim to reconnect and write the result (the chaos
+/// runs saw 25 s), and the scheduler used to send such a delivery again as soon as the
+/// claim ran out. The scheduler elected after a restart now honours claims renewed
+/// before the server started until `notify.claim_restart_grace_s` after the start. The
+/// shared server here started long ago, so a grace longer than its uptime stands in
+/// for a restart a moment ago.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_from_before_a_database_restart_are_honoured_not_sent_again() {
+    let env = TestEnv::new().await;
+    let mut app = env.start("api,relay,dispatch,notify", &[PRIVATE_OK]).await;
+    let (api, reg) = org(&app, "acme").await;
+    let (url, r) = spawn_receiver(ok_always, Duration::ZERO).await;
+    webhook(&api, &url, json!(["*"]), &r).await;
+    let (agent, _) = agent(&app, &reg, "ci-1").await;
+    run_build(&api, &agent, json!([{"key": "a"}])).await;
+    eventually(T, "every delivery answered", || async {
+        let open = env
+            .count("SELECT count(*) FROM deliveries WHERE status <> 'succeeded'")
+            .await;
+        let all = env.count("SELECT count(*) FROM deliveries").await;
+        (open == 0 && all >= 2).then_some(())
+    })
+    .await;
+    app.stop().await;
+    let rows: Vec<(uuid::Uuid,)> = sqlx::query_as("SELECT id FROM deliveries ORDER BY id LIMIT 2")
+        .fetch_all(&env.pool)
+        .await
+        .expect("deliveries");
+    let (held, due) = (rows[0].0, rows[1].0);
+    // Held: claimed, and last renewed a second before the server started (its holder
+    // lost its connection to the restart). Due: a plain retry, due now.
+    for (id, sql) in [
+        (
+            held,
+            "UPDATE deliveries SET status = 'pending', \
+             claimed_until = pg_postmaster_start_time() - interval '1 second', \
+             next_attempt_at = pg_postmaster_start_time() - interval '1 second' WHERE id = $1",
+        ),
+        (
+            due,
+            "UPDATE deliveries SET status = 'pending', claimed_until = NULL, \
+             next_attempt_at = now() WHERE id = $1",
+        ),
+    ] {
+        sqlx::query(sql)
+            .bind(id)
+            .execute(&env.pool)
+            .await
+            .expect("set up the delivery");
+    }
+    let uptime: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM now() - pg_postmaster_start_time())::float8")
+            .fetch_one(&env.pool)
+            .await
+            .expect("uptime");
+    let grace = format!("{}", uptime.ceil() + 3600.0);
+    let before = r.got.lock().expect("lock").len();
+    let mut app = env
+        .start(
+            "api,relay,notify",
+            &[PRIVATE_OK, ("HERALD_NOTIFY__CLAIM_RESTART_GRACE_S", &grace)],
+        )
+        .await;
+    let attempts = |id: uuid::Uuid| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>("SELECT attempts FROM deliveries WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("attempts")
+        }
+    };
+    eventually(T, "the due delivery sent again", || async {
+        (attempts(due).await == 2).then_some(())
+    })
+    .await;
+    // The scheduler's pass that sent the due row left the held one alone: still
+    // pending, still claimed (until start + grace), never marked for the broker.
+    let (status, claimed_for_s): (String, Option<f64>) = sqlx::query_as(
+        "SELECT status, extract(epoch FROM claimed_until - now())::float8 FROM deliveries WHERE id = $1",
+    )
+    .bind(held)
+    .fetch_one(&env.pool)
+    .await
+    .expect("held row");
+    assert_eq!(status, "pending");
+    assert!(
+        claimed_for_s.is_some_and(|s| s > 3000.0),
+        "the claim from before the restart must hold until start + grace: {claimed_for_s:?}"
+    );
+    assert_eq!(
+        attempts(held).await,
+        1,
+        "the held delivery was not sent again"
+    );
+    assert_eq!(
+        r.got.lock().expect("lock").len(),
+        before + 1,
+        "only the due delivery reached the receiver again"
+    );
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -165,7 +165,7 @@ const NOT_TRIED_DELAY: chrono::Duration = chrono::Duration::seconds(2);
 /// delays its deliveries by that much (the row comes due when it ends); a holder whose
 /// renewals stall longer (the database slow or away) may see another copy sent. 5 s
 /// was too short for a loaded database in the chaos run (renewals 4-8 s apart).
-const LEASE: Duration = Duration::from_secs(15);
+pub(crate) const LEASE: Duration = Duration::from_secs(15);
 const RENEW_EVERY: Duration = Duration::from_secs(1);
 
 /// One message: an event's deliveries, each sent on its own (within the type's

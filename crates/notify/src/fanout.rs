@@ -319,6 +319,17 @@ async fn fan_out_status(
 /// Job attempts within one finish of its build, for ordering rounds.
 const JOB_ROUNDS_PER_FINISH: i64 = 1000;
 
+/// The events [`wanted_status`] makes a status of; `herald_bus::COMMIT_STATUS_BINDINGS`
+/// routes exactly these to the commit-status fan-out (a test holds them together).
+pub(crate) const STATUS_EVENTS: &[EventType] = &[
+    EventType::BuildScheduled,
+    EventType::BuildRunning,
+    EventType::BuildFinished,
+    EventType::JobScheduled,
+    EventType::JobStarted,
+    EventType::JobFinished,
+];
+
 fn wanted_status(
     n: &Notifier,
     event: &Value,
@@ -326,6 +337,9 @@ fn wanted_status(
     org: Uuid,
     g: &store::GithubIntegration,
 ) -> Option<WantedStatus> {
+    if !STATUS_EVENTS.contains(&kind) {
+        return None;
+    }
     let build = event.pointer("/data/build")?;
     let build_id = build
         .get("id")

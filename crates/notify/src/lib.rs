@@ -56,6 +56,9 @@ pub struct NotifySettings {
     pub target_base_url: String,
     pub history_retention_s: f64,
     pub scheduler_batch: i64,
+    /// How long after a restart of the database server a delivery claim renewed
+    /// before it still holds (see `herald_storage::notify::honour_claims_across_restart`).
+    pub claim_restart_grace_s: f64,
     /// Multiplies the retry schedule (1.0 = the contract's 5 s, 30 s, 2 min, …).
     pub retry_scale: f64,
     pub throttle: ThrottleConfig,
@@ -456,6 +459,20 @@ enum Handler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_commit_status_queue_gets_exactly_the_events_a_status_follows() {
+        for &e in herald_domain::EventType::ALL {
+            let routed = herald_bus::COMMIT_STATUS_BINDINGS
+                .iter()
+                .any(|p| herald_domain::events::pattern_matches(p, e));
+            assert_eq!(
+                routed,
+                fanout::STATUS_EVENTS.contains(&e),
+                "{e:?}: routed to the commit-status queue {routed}"
+            );
+        }
+    }
 
     fn work(event: Uuid, n: usize) -> Vec<DeliveryWork> {
         (0..n)

@@ -48,6 +48,18 @@ async fn lead(
     }
     tracing::info!("elected delivery scheduler");
     metrics::gauge!("herald_leader", "role" => "scheduler").set(1.0);
+    // An election follows every restart of the database (it ends the old leader's
+    // session): claims from before it get time for their holders to reconnect.
+    let grace = Duration::from_secs_f64(n.settings.claim_restart_grace_s.clamp(0.0, 1e9));
+    let honoured =
+        store::honour_claims_across_restart(&mut session, crate::deliver::LEASE, grace).await?;
+    if honoured > 0 {
+        tracing::info!(
+            honoured,
+            grace_s = grace.as_secs_f64(),
+            "delivery claims taken before the database restarted are honoured a while longer"
+        );
+    }
     let mut last_expiry = Instant::now();
     loop {
         // A recover that waits for room in the webhook queue looks again soon.

@@ -601,6 +601,39 @@ pub async fn claim_deliveries(
     .await?)
 }
 
+/// After a restart of the database server, gives the claims last renewed before it
+/// (`claimed_until` earlier than the server's start plus `lease`) until `grace` after
+/// the start. Their holders lost their connections to the restart, not necessarily
+/// their lives: one that sent a delivery and got its 2xx is still trying to write the
+/// result, and its pool may need longer than one lease to reconnect. Without this the
+/// scheduler would send those deliveries again the moment their lease ran out. A
+/// holder that did die costs `grace` of delay instead of `lease`. Does nothing (and
+/// reads nothing) once `grace` has passed since the start. Run by the scheduler when
+/// it is elected, before its first pass. Returns how many claims were extended.
+pub async fn honour_claims_across_restart(
+    conn: &mut PgConnection,
+    lease: std::time::Duration,
+    grace: std::time::Duration,
+) -> Result<u64, StorageError> {
+    Ok(sqlx::query(
+        "WITH s AS (SELECT pg_postmaster_start_time() AS started), \
+         c AS (SELECT d.id FROM deliveries d, s \
+               WHERE now() < s.started + make_interval(secs => $2) \
+                 AND d.status = 'pending' AND d.claimed_until IS NOT NULL \
+                 AND d.next_attempt_at < s.started + make_interval(secs => $1) \
+                 AND d.claimed_until < s.started + make_interval(secs => $1) \
+               ORDER BY d.id FOR UPDATE OF d SKIP LOCKED) \
+         UPDATE deliveries d SET claimed_until = s.started + make_interval(secs => $2), \
+             next_attempt_at = s.started + make_interval(secs => $2) \
+         FROM c, s WHERE d.id = c.id",
+    )
+    .bind(lease.as_secs_f64())
+    .bind(grace.as_secs_f64())
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
 /// Extends the live claims on `ids` to `lease` from now, while their attempts run.
 /// Rows recorded meanwhile (claim cleared) or whose claim ran out are left alone; rows
 /// locked at that moment are being recorded. Returns how many were extended.

@@ -254,6 +254,13 @@ impl Publisher {
         self.publish_batch(&exchange, msgs).await
     }
 
+    /// Publishes copies of events that commit statuses follow to `{prefix}.status`,
+    /// with confirms, like [`Publisher::publish_events`].
+    pub async fn publish_status_events(&self, msgs: &[OutgoingMessage]) -> Result<(), BusError> {
+        let exchange = self.names.status_exchange();
+        self.publish_batch(&exchange, msgs).await
+    }
+
     /// `(message_count, consumer_count)` of `queue`, on a short-lived channel of the
     /// publisher's connection (a missing queue closes only that channel).
     pub async fn queue_depth(&self, queue: &str) -> Result<(u32, u32), BusError> {

@@ -15,10 +15,10 @@ pub const DELIVERY_LIMIT: i32 = 20;
 /// Routing keys the dispatch queue listens to by default.
 pub const DISPATCH_BINDINGS: &[&str] = &["job.finished"];
 
-/// The events a commit status follows: builds', and the three of a job that per-job
-/// statuses show. Not `job.*`: `job.assigned` and `job.canceling` change no status,
-/// and every message routed here is a write to a quorum queue and a delivery and an
-/// ack for nothing (a quarter of this queue's traffic).
+/// The events a commit status follows, bound on `{p}.status`: builds', and the three
+/// of a job that per-job statuses show. Not `job.*`: `job.assigned` and
+/// `job.canceling` change no status, and every message routed here is a write to a
+/// quorum queue and a delivery and an ack for nothing.
 pub const COMMIT_STATUS_BINDINGS: &[&str] =
     &["build.*", "job.scheduled", "job.started", "job.finished"];
 
@@ -42,6 +42,13 @@ impl Names {
     /// `{p}.events`: topic exchange every domain event is published to.
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
+    }
+
+    /// `{p}.status`: topic exchange the relay publishes a second copy of an event to
+    /// when its build's pipeline has a GitHub integration; only the commit-status
+    /// queue is bound to it.
+    pub fn status_exchange(&self) -> String {
+        format!("{}.status", self.prefix)
     }
 
     /// `{p}.dlx`: topic exchange dead-lettered messages go to.
@@ -116,7 +123,10 @@ fn quorum_args(dead_letter_exchange: Option<&str>) -> FieldTable {
 /// * quorum queue `{p}.dispatch` (DLX `{p}.dlx`, delivery limit 20) bound to `{p}.events` with
 ///   [`DISPATCH_BINDINGS`];
 /// * quorum queue `{p}.notify` (DLX `{p}.dlx`, delivery limit 20) bound to `{p}.events` with `#`;
-/// * quorum queue `{p}.notify.commit_status` (likewise) bound with [`COMMIT_STATUS_BINDINGS`];
+/// * topic exchange `{p}.status`, and quorum queue `{p}.notify.commit_status` (likewise)
+///   bound to it with [`COMMIT_STATUS_BINDINGS`]: the relay sends it only the events of
+///   builds whose pipeline has a GitHub integration, so an installation without one
+///   pays nothing for commit statuses;
 /// * quorum queues `{p}.deliver.webhook` and `{p}.deliver.github_commit_status`, unbound.
 ///
 /// A declaration that conflicts with an existing entity closes the channel (406).
@@ -124,7 +134,8 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> Result<(), Bu
     let events = names.events_exchange();
     let dlx = names.dead_letter_exchange();
     let dead = names.dead_letter_queue();
-    for exchange in [&events, &dlx] {
+    let status = names.status_exchange();
+    for exchange in [&events, &dlx, &status] {
         channel
             .exchange_declare(
                 exchange,
@@ -148,10 +159,11 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> Result<(), Bu
         .await?;
     declare_queue(channel, names, &names.dispatch_queue(), DISPATCH_BINDINGS).await?;
     declare_queue(channel, names, &names.notify_queue(), &["#"]).await?;
-    declare_queue(
+    declare_queue_on(
         channel,
         names,
         &names.commit_status_queue(),
+        &status,
         COMMIT_STATUS_BINDINGS,
     )
     .await?;
@@ -175,11 +187,21 @@ pub async fn declare_queue(
     queue: &str,
     bindings: &[&str],
 ) -> Result<(), BusError> {
+    declare_queue_on(channel, names, queue, &names.events_exchange(), bindings).await
+}
+
+/// [`declare_queue`], bound to `exchange` instead of `{p}.events`.
+pub async fn declare_queue_on(
+    channel: &Channel,
+    names: &Names,
+    queue: &str,
+    events: &str,
+    bindings: &[&str],
+) -> Result<(), BusError> {
     if queue.is_empty() {
         return Err(BusError::Invalid("empty queue name".into()));
     }
     let dlx = names.dead_letter_exchange();
-    let events = names.events_exchange();
     channel
         .queue_declare(queue, durable_queue(), quorum_args(Some(&dlx)))
         .await?;
@@ -187,7 +209,7 @@ pub async fn declare_queue(
         channel
             .queue_bind(
                 queue,
-                &events,
+                events,
                 key,
                 QueueBindOptions::default(),
                 FieldTable::default(),
@@ -242,7 +264,11 @@ pub async fn delete_topology(
             .queue_delete(q, QueueDeleteOptions::default())
             .await?;
     }
-    for exchange in [names.events_exchange(), names.dead_letter_exchange()] {
+    for exchange in [
+        names.events_exchange(),
+        names.dead_letter_exchange(),
+        names.status_exchange(),
+    ] {
         channel
             .exchange_delete(&exchange, ExchangeDeleteOptions::default())
             .await?;

@@ -1,5 +1,7 @@
 //! The outbox relay: publishes committed events from PostgreSQL to RabbitMQ's
-//! `{prefix}.events` exchange, in order, with publisher confirms.
+//! `{prefix}.events` exchange, in order, with publisher confirms, and a copy of the
+//! events of pipelines with a GitHub integration to `{prefix}.status`, the
+//! commit-status fan-out's exchange (an event no status can follow costs no message).
 //!
 //! Owns nothing but the hand-over. Reads the outbox on its own small pool and never
 //! holds a transaction while it talks to the broker: rows are read, published and
@@ -174,7 +176,18 @@ async fn relay_loop(
                 }
             })
             .collect();
-        let published = publisher.publish_events(&msgs).await;
+        // Commit statuses follow only the builds of pipelines with a GitHub
+        // integration: only those events are copied to their queue.
+        let status: Vec<OutgoingMessage> = rows
+            .iter()
+            .zip(&msgs)
+            .filter(|(r, _)| r.github)
+            .map(|(_, m)| m.clone())
+            .collect();
+        let mut published = publisher.publish_events(&msgs).await;
+        if published.is_ok() && !status.is_empty() {
+            published = publisher.publish_status_events(&status).await;
+        }
         drop(spans);
         match published {
             Ok(()) => {

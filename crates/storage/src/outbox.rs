@@ -14,6 +14,9 @@ pub struct OutboxRow {
     pub payload: serde_json::Value,
     /// The writer's W3C `traceparent`, when it exported traces.
     pub traceparent: Option<String>,
+    /// The event's build belongs to a pipeline with a GitHub integration (at the time
+    /// of the read): commit statuses may follow it.
+    pub github: bool,
 }
 
 /// Reads the next batch of unpublished rows other than `confirmed` (the broker has
@@ -30,8 +33,11 @@ pub async fn mark_and_fetch(
         "WITH marked AS ( \
              UPDATE outbox SET published_at = now() \
              WHERE $2 AND id = ANY($1) AND published_at IS NULL) \
-         SELECT id, event_id, event_type, build_id, payload, traceparent FROM outbox \
-         WHERE published_at IS NULL AND id <> ALL($1) ORDER BY id LIMIT $3",
+         SELECT o.id, o.event_id, o.event_type, o.build_id, o.payload, o.traceparent, \
+                EXISTS (SELECT 1 FROM builds b JOIN github_integrations g ON g.pipeline_id = b.pipeline_id \
+                        WHERE b.id = o.build_id) AS github \
+         FROM outbox o \
+         WHERE o.published_at IS NULL AND o.id <> ALL($1) ORDER BY o.id LIMIT $3",
     )
     .bind(confirmed)
     .bind(mark)
@@ -47,6 +53,7 @@ pub async fn mark_and_fetch(
                 build_id: r.try_get("build_id")?,
                 payload: r.try_get("payload")?,
                 traceparent: r.try_get("traceparent")?,
+                github: r.try_get("github")?,
             })
         })
         .collect()
